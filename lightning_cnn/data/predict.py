@@ -1,0 +1,46 @@
+"""The user's own images for ``predict``: any size, RGB or grayscale, brought to what the network takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from lightning_cnn.data.paths import DataError
+from lightning_cnn.data.sources import IMAGE_SUFFIXES
+
+
+class PredictFolder(Dataset):
+    """Every image file under ``folder`` (recursively, sorted), resized to ``input_shape``'s height and width.
+
+    Items are ``(uint8 tensor (C, H, W), path)``; batches are ``(uint8 tensor (B, C, H, W), [paths])``.
+    """
+
+    def __init__(self, folder: Path, input_shape: tuple[int, int, int]) -> None:
+        if not folder.is_dir():
+            raise DataError(f"predict_dir {folder} is not a folder. Point --data.predict_dir at a folder of images.")
+        self.files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        self.mode = "L" if input_shape[0] == 1 else "RGB"
+        self.size = (input_shape[2], input_shape[1])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert(self.mode).resize(self.size, Image.Resampling.BILINEAR))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from err
+        tensor = torch.from_numpy(pixels.copy())
+        return (tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)), str(path)
+
+    @staticmethod
+    def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+        return torch.stack([x for x, _ in items]), [p for _, p in items]

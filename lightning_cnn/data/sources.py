@@ -1,0 +1,231 @@
+"""Where images come from: every on-disk layout we accept, decoded once into resident uint8 tensors.
+
+Layouts, found under the data root without the user naming them:
+
+* MNIST's IDX files as torchvision downloads them (``MNIST/raw/*-ubyte``, optionally ``.gz``);
+* CIFAR-10's python batches as torchvision downloads them (``cifar-10-batches-py/``);
+* an image folder ``train/<class>/*`` and ``test/<class>/*`` (PNG, JPEG, ...), classes in folder-name order.
+
+Image folders are slow to decode (60,000 JPEGs take ~10 s), so the decoded arrays are cached in a
+writable cache folder, keyed by a fingerprint of the file names, sizes and modification times.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lightning_cnn.data.paths import DataError, cache_dir
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"})
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset, resident in memory: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A decoded dataset: both splits, the class names in label order, and where it was read from."""
+
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------- IDX (MNIST)
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (plain or ``.gz``) of unsigned bytes.
+
+    Written here rather than using torchvision's reader because that one neither opens ``.gz`` files nor
+    says which file is truncated.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"Cannot read {path}: {err}. Replace the file with a good copy.") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes. Replace it with the original MNIST file.")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(
+            f"{path} is truncated or corrupt: its header says {shape} ({int(np.prod(shape))} bytes) but it holds "
+            f"{data.size}. Replace it with the original MNIST file."
+        )
+    return data.reshape(shape)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_mnist_idx(folder: Path) -> Dataset | None:
+    """MNIST from ``folder/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``, or None if they are not all there."""
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    files = [_idx_file(folder, stem) for stem in stems]
+    if any(f is None for f in files):
+        return None
+    arrays = [read_idx(f) for f in files if f is not None]
+    splits = [
+        Split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+        for images, labels in (arrays[:2], arrays[2:])
+    ]
+    return Dataset(splits[0], splits[1], MNIST_CLASSES, f"MNIST IDX files in {folder}")
+
+
+# ------------------------------------------------------------------------------ CIFAR-10 python batches
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise DataError(f"Cannot read CIFAR-10 batch {path}: {err}. Replace it with the original file.") from err
+
+
+def read_cifar_batches(folder: Path) -> Dataset | None:
+    """CIFAR-10 from its python batches in ``folder``, or None if they are not there.
+
+    Read here rather than through ``torchvision.datasets.CIFAR10``, which refuses any copy whose MD5 sums
+    differ from the official ones (re-packed copies, test fixtures) with a message that blames the download.
+    """
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if not all((folder / n).is_file() for n in names):
+        return None
+    splits = []
+    for group in (names[:5], names[5:]):
+        batches = [_unpickle(folder / n) for n in group]
+        try:
+            data = np.concatenate([np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
+            labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])
+        except (KeyError, ValueError) as err:
+            raise DataError(f"A CIFAR-10 batch in {folder} is malformed ({err}). Replace the folder.") from err
+        splits.append(Split(torch.from_numpy(data), torch.from_numpy(labels)))
+    meta = folder / "batches.meta"
+    classes = tuple(_unpickle(meta)["label_names"]) if meta.is_file() else CIFAR10_CLASSES
+    return Dataset(splits[0], splits[1], classes, f"CIFAR-10 python batches in {folder}")
+
+
+# ------------------------------------------------------------------------------------------ image folder
+@dataclass(frozen=True)
+class _Listing:
+    """The image files of one split, class by class, with a digest of their names, sizes and mtimes."""
+
+    files: dict[str, list[str]]
+    digest: str
+
+
+def _list_split(folder: Path) -> _Listing:
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    files: dict[str, list[str]] = {}
+    digest = hashlib.sha1()
+    for name in classes:
+        entries = sorted((e for e in os.scandir(folder / name) if not e.name.startswith(".")), key=lambda e: e.name)
+        for e in entries:
+            if not e.is_file() or os.path.splitext(e.name)[1].lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{e.path} is not an image file. Image folders may hold only images; move it out.")
+            st = e.stat()
+            digest.update(f"{e.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if not entries:
+            raise DataError(f"Class folder {folder / name} is empty. Put its images there or remove the folder.")
+        files[name] = [e.path for e in entries]
+    if not files:
+        raise DataError(f"{folder} holds no class folders. Expected {folder}/<class>/<image files>.")
+    return _Listing(files, digest.hexdigest())
+
+
+def _decode(path: Path, mode: str, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            pixels = np.asarray(im.convert(mode))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from err
+    if pixels.shape[:2] != (size, size):
+        raise DataError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels; this dataset needs {size}x{size}.")
+    return pixels
+
+
+def _decode_split(listing: _Listing, channels: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    paths = [Path(f) for files in listing.files.values() for f in files]
+    counts = [len(files) for files in listing.files.values()]
+    labels = np.concatenate([np.full(n, i, dtype=np.int64) for i, n in enumerate(counts)])
+    images = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    mode = "L" if channels == 1 else "RGB"
+
+    def work(i: int) -> None:
+        images[i] = _decode(paths[i], mode, size).reshape(size, size, channels)
+
+    # PIL releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(work, range(len(paths)), chunksize=256))
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels
+
+
+def read_image_folder(folder: Path, channels: int, size: int) -> Dataset | None:
+    """An image-folder dataset (``folder/{train,test}/<class>/*``), decoded once and cached; None if absent."""
+    if not ((folder / "train").is_dir() and (folder / "test").is_dir()):
+        return None
+    train, test = _list_split(folder / "train"), _list_split(folder / "test")
+    if list(train.files) != list(test.files):
+        raise DataError(
+            f"The class folders of {folder / 'train'} ({', '.join(train.files)}) and {folder / 'test'} "
+            f"({', '.join(test.files)}) differ. Both splits need the same classes."
+        )
+    key = hashlib.sha1(f"v1 {channels} {size} {train.digest} {test.digest}".encode()).hexdigest()[:20]
+    prefix = f"{folder.name}-{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]}"
+    cache = cache_dir() / "decoded" / f"{prefix}-{key}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache) as z:
+                arrays = [z[k] for k in ("train_x", "train_y", "test_x", "test_y")]
+        except (OSError, ValueError, KeyError, EOFError):
+            arrays = []  # a damaged cache is rebuilt, never trusted
+    else:
+        arrays = []
+    if not arrays:
+        arrays = [*_decode_split(train, channels, size), *_decode_split(test, channels, size)]
+        for stale in cache.parent.glob(f"{prefix}-*.npz"):  # decodes of this folder's older contents
+            stale.unlink(missing_ok=True)
+        _save_atomically(cache, dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays, strict=True)))
+    splits = [Split(torch.from_numpy(x), torch.from_numpy(y)) for x, y in (arrays[:2], arrays[2:])]
+    return Dataset(splits[0], splits[1], tuple(train.files), f"image folder {folder}")
+
+
+def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # no writable cache: the next run decodes again, which is slow but correct
