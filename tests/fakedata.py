@@ -1,0 +1,76 @@
+"""Small fake datasets in every on-disk layout the loaders accept (as torchvision's dataset tests do)."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _images(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def _balanced_labels(n: int, classes: int = 10) -> np.ndarray:
+    return np.arange(n) % classes
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def make_mnist_idx(root: Path, n_train: int = 60, n_test: int = 20, gz: bool = False, seed: int = 0) -> Path:
+    """torchvision's layout: ``root/MNIST/raw/*-ubyte``. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", _images(rng, n, (28, 28)), gz)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", _balanced_labels(n), gz)
+    return root
+
+
+def make_cifar_batches(root: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0) -> Path:
+    """torchvision's layout: ``root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]
+    for name, n in names:
+        batch = {"data": _images(rng, n, (3072,)), "labels": _balanced_labels(n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CIFAR_NAMES}))
+    return root
+
+
+def make_image_folder(
+    root: Path,
+    per_class_train: int = 10,
+    per_class_test: int = 4,
+    classes: list[str] | None = None,
+    size: int = 32,
+    mode: str = "RGB",
+    suffix: str = ".png",
+    seed: int = 0,
+) -> Path:
+    """``root/{train,test}/<class>/NNNN.<suffix>``; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        for name in classes or CIFAR_NAMES:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = _images(rng, 1, (size, size, channels))[0]
+                Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(folder / f"{i:04d}{suffix}")
+    return root
