@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from lightning_cnn.data.augment import AugmentParams
 from lightning_cnn.data.sources import Split
@@ -49,6 +50,8 @@ class ResidentBatches:
         [4, 4, 2]
     """
 
+    batch_sampler = None  # DataLoader-like attribute that Lightning inspects; batching is done here
+
     def __init__(
         self,
         split: Split,
@@ -71,7 +74,8 @@ class ResidentBatches:
         self.augment = train and (pad > 0 or flip_p > 0)
         self.sampler: DistributedSampler | None = None
         if train:
-            self.sampler = DistributedSampler(split, world_size, rank, shuffle=True, seed=seed)
+            # DistributedSampler only needs len(); a Split provides it
+            self.sampler = DistributedSampler(cast(Dataset, split), world_size, rank, shuffle=True, seed=seed)
         self._eval_index = torch.arange(rank, len(split), world_size, device=self.images.device)
 
     def set_epoch(self, epoch: int) -> None:

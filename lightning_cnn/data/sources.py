@@ -225,7 +225,7 @@ def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
         os.replace(tmp, path)
     except OSError:
         pass  # no writable cache: the next run decodes again, which is slow but correct

@@ -56,7 +56,7 @@ class SplitCIFAR10DataModule(CIFAR10DataModule):
         _check(not overlap, f"phase1_classes and phase2_classes overlap on {overlap}; the phases must be disjoint")
         _check_fraction(val_fraction)
         super().__init__(data_dir, batch_size, **kwargs)
-        self.phase, self.remap_labels, self.val_fraction = phase, remap_labels, val_fraction
+        self.phase, self.remap_labels, self.holdout = phase, remap_labels, val_fraction
         self.classes = [int(c) for c in (phase1_classes if phase == 1 else phase2_classes)]
 
     @property
@@ -72,7 +72,7 @@ class SplitCIFAR10DataModule(CIFAR10DataModule):
         keep, held = [], []
         for c in self.classes:
             members = (train.labels == c).nonzero().flatten()
-            n_val = round(len(members) * self.val_fraction)
+            n_val = round(len(members) * self.holdout)
             keep.append(members[: len(members) - n_val])
             held.append(members[len(members) - n_val :])
         test_index = torch.isin(test.labels, torch.tensor(self.classes)).nonzero().flatten()

@@ -1,0 +1,49 @@
+"""``lightning-cnn``: LightningCLI over the DataModules and the classifier; one YAML per experiment."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_cnn.data import ResidentDataModule
+from lightning_cnn.models import ImageClassifier
+
+
+class CNNCLI(LightningCLI):
+    """LightningCLI that wires the data's class count and image shape into the network, and tests after fit."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in (("num_classes", "num_classes"), ("input_shape", "input_shape")):
+            parser.link_arguments(f"data.{source}", f"model.network.init_args.{target}", apply_on="instantiate")
+        # Every run keeps its best (by val/acc) and last checkpoint under fixed names, so a config can point
+        # at another run's checkpoint (phase 2 transfer) and `fit --ckpt_path last` resumes.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True, help="After fit, test the best checkpoint (fit only)."
+        )
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("test_after_fit", True) or getattr(self.trainer, "fast_dev_run", False):
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if isinstance(checkpoint, ModelCheckpoint) else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def main(args: list[str] | None = None) -> CNNCLI:
+    return CNNCLI(
+        ImageClassifier,
+        ResidentDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

@@ -1,0 +1,200 @@
+"""The LightningModule that trains any of the networks with cross-entropy and evaluates it with torchmetrics."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Any, cast
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_cnn.models.metrics import classification_metrics, confusion_matrix, scalar_figures
+
+EVAL_STAGES = ("val", "test")
+
+
+def output_features(network: nn.Module) -> int:
+    """Class count of a network: the width of its last linear layer."""
+    linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(network).__name__} has no nn.Linear layer; pass num_classes explicitly")
+    return linears[-1].out_features
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _takes_total_steps(factory: Any) -> bool:
+    """Whether a scheduler factory (a class, or a partial of one as LightningCLI builds) takes ``total_steps``."""
+    candidates = [factory]
+    while isinstance(factory, functools.partial):
+        candidates += [factory.func, *factory.args]
+        factory = factory.func
+    for candidate in candidates:
+        if callable(candidate):
+            try:
+                if "total_steps" in inspect.signature(candidate).parameters:
+                    return True
+            except (TypeError, ValueError):
+                continue
+    return False
+
+
+class ImageClassifier(L.LightningModule):
+    """Trains an image classification network; logs ``train/loss``, ``val/acc``, ``test/f1_weighted``, ...
+
+    Validation and test compute accuracy, error, weighted and macro precision/recall/F1, per-class accuracy
+    and the confusion matrix (kept in :attr:`confusion` after each evaluation epoch).
+
+    Args:
+        network: the ``nn.Module`` to train (see :mod:`lightning_cnn.models.networks`).
+        optimizer: builds the optimizer from the trainable parameters (LightningCLI: ``class_path`` and
+            ``init_args``).
+        scheduler: builds an LR scheduler from the optimizer; one that takes ``total_steps`` (one-cycle) is
+            given the run's step count and stepped every batch, others every epoch.
+        label_smoothing: cross-entropy label smoothing of the training loss (evaluation loss is plain).
+        num_classes: class count; ``None`` reads it off the network's last linear layer.
+        channels_last: run convolutions in channels-last memory format.
+        compile: ``torch.compile`` the network.
+
+    Example:
+        >>> from lightning_cnn.models import MNISTCNN
+        >>> model = ImageClassifier(MNISTCNN(num_classes=10))
+        >>> model(torch.zeros(4, 1, 28, 28)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        num_classes: int | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        # Checkpoints must load with torch.load(weights_only=True): keep plain values only. Under LightningCLI
+        # the network and optimizer arrive here as their class_path/init_args config, which is plain; from
+        # Python they are objects, which are dropped (the network's weights are in the state dict anyway).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        self.remove_ignored_hparams([k for k, v in self.hparams.items() if not _plain(v)])
+        self.network = network
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.channels_last, self.compile_network = channels_last, compile
+        self.label_smoothing = label_smoothing
+        self.num_classes = num_classes or output_features(network)
+        self.class_names = [str(i) for i in range(self.num_classes)]
+        self.train_acc = MulticlassAccuracy(self.num_classes)
+        self.metrics = nn.ModuleDict({s: classification_metrics(self.num_classes, s) for s in EVAL_STAGES})
+        self.confmat = nn.ModuleDict({s: confusion_matrix(self.num_classes) for s in EVAL_STAGES})
+        self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_STAGES})
+        self.confusion: dict[str, torch.Tensor] = {}
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The network's feature extractor (what Lightning's ``BackboneFinetuning`` freezes and thaws)."""
+        return cast(nn.Module, self.network.backbone)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None)
+        if names and len(names) == self.num_classes:
+            self.class_names = list(names)
+
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        if self.compile_network:
+            self.network.compile()  # in place: the state dict keeps its plain keys
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["class_names"] = list(self.class_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.class_names = list(checkpoint.get("class_names", self.class_names))
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.network(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _stage_metrics(self, stage: str) -> tuple[MetricCollection, Metric, Metric]:
+        return (
+            cast(MetricCollection, self.metrics[stage]),
+            cast(Metric, self.confmat[stage]),
+            cast(Metric, self.eval_loss[stage]),
+        )
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        preds = logits.argmax(dim=1)
+        metrics, confmat, loss = self._stage_metrics(stage)
+        metrics.update(preds, y)
+        confmat.update(preds, y)
+        loss.update(F.cross_entropy(logits.float(), y), weight=len(y))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics, confmat, loss = self._stage_metrics(stage)
+        confusion = confmat.compute()
+        figures = scalar_figures(metrics.compute(), stage, self.class_names, confusion.sum(dim=1))
+        figures[f"{stage}/loss"] = loss.compute()
+        # torchmetrics has already reduced across processes, so every rank logs the same numbers.
+        self.log_dict(figures, sync_dist=True)
+        self.confusion[stage] = confusion.cpu()
+        for metric in (metrics, confmat, loss):
+            metric.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, Any], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).float().softmax(dim=1)
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler is None:
+            return optimizer
+        if _takes_total_steps(self.scheduler):
+            scheduler = self.scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)  # type: ignore[call-arg]
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}

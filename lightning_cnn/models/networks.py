@@ -1,0 +1,104 @@
+"""The assignment's networks as plain ``nn.Module``s, each a convolutional ``backbone`` and a ``head``.
+
+A network knows nothing of Lightning; :class:`~lightning_cnn.models.classifier.ImageClassifier` trains it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def conv_backbone(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
+    """3x3 unpadded convolutions, each followed by ReLU and 2x2 max-pooling, then flatten."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, kernel_size=3), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        in_channels = width
+    return nn.Sequential(*layers, nn.Flatten())
+
+
+def mlp_head(in_features: int, widths: Sequence[int], dropout: Sequence[float] = ()) -> nn.Sequential:
+    """Fully connected layers ``in_features -> widths...`` with ReLU between and optional dropout before each."""
+    if dropout and len(dropout) != len(widths):
+        raise ValueError(f"dropout needs one probability per linear layer ({len(widths)}), got {list(dropout)}")
+    for p in dropout:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probabilities must lie in [0, 1), got {list(dropout)}")
+    layers: list[nn.Module] = []
+    for i, width in enumerate(widths):
+        if dropout:
+            layers.append(nn.Dropout(dropout[i]))
+        layers.append(nn.Linear(in_features, width))
+        if i < len(widths) - 1:
+            layers.append(nn.ReLU(inplace=True))
+        in_features = width
+    return nn.Sequential(*layers)
+
+
+def flat_features(backbone: nn.Module, input_shape: Sequence[int]) -> int:
+    """Length of the backbone's flattened output for one image of ``input_shape`` ``(C, H, W)``."""
+    with torch.no_grad():
+        return int(backbone(torch.zeros(1, *input_shape)).shape[1])
+
+
+class BackboneHead(nn.Module):
+    """``head(backbone(x))``: the split every network here has, so a backbone can be reused and frozen."""
+
+    backbone: nn.Module
+    head: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class CIFARCNN(BackboneHead):
+    """The assignment's CIFAR-10 CNN: conv 3-64-128-256, then fully connected 1024-128-256-classes.
+
+    Args:
+        num_classes: outputs of the last layer.
+        input_shape: ``(C, H, W)`` of the images; 32x32 gives the assignment's 1024 flat features.
+        dropout: one dropout probability before each of the three linear layers; empty for none.
+
+    Example:
+        >>> net = CIFARCNN(num_classes=10)
+        >>> net(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+        >>> sum(p.numel() for p in net.parameters())
+        538186
+    """
+
+    def __init__(
+        self, num_classes: int = 10, input_shape: Sequence[int] = (3, 32, 32), dropout: Sequence[float] = ()
+    ) -> None:
+        super().__init__()
+        self.backbone = conv_backbone(input_shape[0], (64, 128, 256))
+        self.head = mlp_head(flat_features(self.backbone, input_shape), (128, 256, num_classes), dropout)
+
+
+class CIFARCNNDropout(CIFARCNN):
+    """The CIFAR-10 CNN with dropout before each fully connected layer (p = 0.2, 0.2, 0.1 by default)."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (3, 32, 32),
+        dropout: Sequence[float] = (0.2, 0.2, 0.1),
+    ) -> None:
+        super().__init__(num_classes, input_shape, dropout)
+
+
+class MNISTCNN(BackboneHead):
+    """The assignment's MNIST CNN: conv 1-32-64, then fully connected 1600-128-classes.
+
+    Example:
+        >>> MNISTCNN()(torch.zeros(1, 1, 28, 28)).shape
+        torch.Size([1, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28)) -> None:
+        super().__init__()
+        self.backbone = conv_backbone(input_shape[0], (32, 64))
+        self.head = mlp_head(flat_features(self.backbone, input_shape), (128, num_classes))

@@ -1,0 +1,98 @@
+"""Transfer learning for split CIFAR-10 phase 2: a phase-1 backbone, frozen, under a new head."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_cnn.models.networks import CIFARCNN, BackboneHead, flat_features, mlp_head
+
+
+class CheckpointError(ValueError):
+    """A transfer checkpoint is missing, unreadable, or does not fit the backbone."""
+
+
+def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` weights of a Lightning checkpoint (or of a plain network state dict), prefix removed.
+
+    Raises:
+        CheckpointError: the file is missing, is not a checkpoint, or holds no backbone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"Transfer checkpoint {path} does not exist. Train phase 1 first "
+            "(lightning-cnn fit --config configs/split_cifar10_phase1.yaml) or point checkpoint_path at its .ckpt."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}).") from err
+    weights = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path} holds no state dict; expected a Lightning .ckpt of a phase-1 run.")
+    for prefix in ("network.backbone.", "network._orig_mod.backbone.", "backbone."):
+        found = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        if found:
+            return found
+    raise CheckpointError(f"{path} has no backbone weights (no 'network.backbone.*' keys); is it a phase-1 run?")
+
+
+class TransferNet(BackboneHead):
+    """The backbone of a trained network, loaded from a checkpoint and frozen, with the assignment's new head.
+
+    The new head is linear to ``hidden_units``, ReLU, linear to ``num_classes``. A frozen backbone has no
+    gradients and stays in eval mode, so its weights are bit-for-bit unchanged by training. Gradual
+    unfreezing works through Lightning's ``BackboneFinetuning`` callback.
+
+    Args:
+        checkpoint_path: Lightning checkpoint of the phase-1 run (or a saved network state dict).
+        num_classes: outputs of the new head.
+        input_shape: ``(C, H, W)`` of the images.
+        base: a network of the phase-1 architecture whose backbone receives the weights (default: CIFARCNN).
+        hidden_units: width of the new head's hidden layer.
+        freeze_backbone: keep the loaded backbone fixed.
+
+    Raises:
+        CheckpointError: before any training, when the checkpoint is missing, unreadable or does not fit.
+    """
+
+    def __init__(
+        self,
+        checkpoint_path: str,
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (3, 32, 32),
+        base: nn.Module | None = None,
+        hidden_units: int = 128,
+        freeze_backbone: bool = True,
+    ) -> None:
+        super().__init__()
+        base = base if base is not None else CIFARCNN(input_shape=input_shape)
+        if not isinstance(base, BackboneHead):
+            raise TypeError(f"base must be one of this package's networks (with a .backbone), got {type(base)}")
+        self.backbone = base.backbone
+        state = load_backbone_state(checkpoint_path)
+        try:
+            self.backbone.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"The backbone in {checkpoint_path} does not fit {type(base).__name__}'s backbone: {err}"
+            ) from err
+        self.head = mlp_head(flat_features(self.backbone, input_shape), (hidden_units, num_classes))
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True) -> TransferNet:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # a frozen backbone must not update dropout or normalization state either
+        return self
