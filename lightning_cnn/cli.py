@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_cnn.callbacks import PredictionCSVWriter
 from lightning_cnn.data import ResidentDataModule
+from lightning_cnn.errors import UserError
 from lightning_cnn.models import ImageClassifier
 
 
@@ -27,6 +31,7 @@ class CNNCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
+        parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="After fit, test the best checkpoint (fit only)."
         )
@@ -40,10 +45,29 @@ class CNNCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> CNNCLI:
-    return CNNCLI(
-        ImageClassifier,
-        ResidentDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    """Run the CLI; bad input ends in one line on stderr and exit status 2, not a traceback."""
+    try:
+        return CNNCLI(
+            ImageClassifier,
+            ResidentDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"lightning-cnn: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _user_error(err: BaseException | None) -> UserError | None:
+    """The UserError behind ``err``: jsonargparse wraps errors raised while it instantiates classes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

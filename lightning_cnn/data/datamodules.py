@@ -15,6 +15,7 @@ from lightning_cnn.data.loader import ResidentBatches
 from lightning_cnn.data.locate import load_dataset
 from lightning_cnn.data.predict import PredictFolder
 from lightning_cnn.data.sources import CIFAR10_CLASSES, MNIST_CLASSES, Split
+from lightning_cnn.errors import ConfigError
 
 
 class ResidentDataModule(L.LightningDataModule):
@@ -87,10 +88,11 @@ class ResidentDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loading
     def prepare_data(self) -> None:
         # Rank 0 alone downloads and fills the decode cache; the other ranks then read the cache in setup().
-        load_dataset(self.dataset, self.data_dir, self.download)
+        if self.trainer is None or self.trainer.state.fn != "predict":
+            load_dataset(self.dataset, self.data_dir, self.download)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_split is not None:
+        if self.train_split is not None or stage == "predict":  # predict reads only the user's folder
             return
         data = load_dataset(self.dataset, self.data_dir, self.download)
         self._classes = data.classes
@@ -129,7 +131,7 @@ class ResidentDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_dir is None:
-            raise ValueError("predict needs a folder of images: pass --data.predict_dir PATH")
+            raise ConfigError("predict needs a folder of images: pass --data.predict_dir PATH")
         dataset = PredictFolder(Path(self.predict_dir), self.input_shape)
         return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=PredictFolder.collate)
 
@@ -206,7 +208,7 @@ class CIFAR10DataModule(MNISTDataModule):
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _check_fraction(value: float | None, allow_none: bool = False) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lightning_cnn.errors import DataError
+
+__all__ = ["CACHE_ENV", "DATA_ENV", "DataError", "cache_dir", "is_writable", "resolve_data_dir"]
+
 DATA_ENV = "LIGHTNING_CNN_DATA"
 CACHE_ENV = "LIGHTNING_CNN_CACHE"
-
-
-class DataError(RuntimeError):
-    """Data is missing, unreadable or malformed; the message says what was wrong and what to do."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:

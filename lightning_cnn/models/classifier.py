@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_cnn.errors import ConfigError
 from lightning_cnn.models.metrics import classification_metrics, confusion_matrix, scalar_figures
 
 EVAL_STAGES = ("val", "test")
@@ -24,7 +25,7 @@ def output_features(network: nn.Module) -> int:
     """Class count of a network: the width of its last linear layer."""
     linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(network).__name__} has no nn.Linear layer; pass num_classes explicitly")
+        raise ConfigError(f"{type(network).__name__} has no nn.Linear layer; pass num_classes explicitly")
     return linears[-1].out_features
 
 
@@ -88,7 +89,7 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
         # Checkpoints must load with torch.load(weights_only=True): keep plain values only. Under LightningCLI
         # the network and optimizer arrive here as their class_path/init_args config, which is plain; from
         # Python they are objects, which are dropped (the network's weights are in the state dict anyway).

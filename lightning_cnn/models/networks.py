@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_cnn.errors import ConfigError
+
 
 def conv_backbone(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
     """3x3 unpadded convolutions, each followed by ReLU and 2x2 max-pooling, then flatten."""
@@ -23,10 +25,10 @@ def conv_backbone(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
 def mlp_head(in_features: int, widths: Sequence[int], dropout: Sequence[float] = ()) -> nn.Sequential:
     """Fully connected layers ``in_features -> widths...`` with ReLU between and optional dropout before each."""
     if dropout and len(dropout) != len(widths):
-        raise ValueError(f"dropout needs one probability per linear layer ({len(widths)}), got {list(dropout)}")
+        raise ConfigError(f"dropout needs one probability per linear layer ({len(widths)}), got {list(dropout)}")
     for p in dropout:
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probabilities must lie in [0, 1), got {list(dropout)}")
+            raise ConfigError(f"dropout probabilities must lie in [0, 1), got {list(dropout)}")
     layers: list[nn.Module] = []
     for i, width in enumerate(widths):
         if dropout:
@@ -67,7 +69,7 @@ class CIFARCNN(BackboneHead):
         >>> net(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
         >>> sum(p.numel() for p in net.parameters())
-        538186
+        537610
     """
 
     def __init__(

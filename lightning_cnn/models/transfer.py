@@ -10,11 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_cnn.errors import CheckpointError
 from lightning_cnn.models.networks import CIFARCNN, BackboneHead, flat_features, mlp_head
-
-
-class CheckpointError(ValueError):
-    """A transfer checkpoint is missing, unreadable, or does not fit the backbone."""
 
 
 def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
