@@ -16,6 +16,7 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     monkeypatch.setenv("LIGHTNING_CNN_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("LIGHTNING_CNN_DATA", raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr("sys.argv", ["lightning-cnn"])  # the CLI under test gets its arguments from args=
     _memo.cache_clear()
 
 

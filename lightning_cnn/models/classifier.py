@@ -192,7 +192,10 @@ class ImageClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        try:
+            optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        except ValueError as err:  # torch's own check of lr, momentum, betas, ...
+            raise ConfigError(f"Invalid optimizer setting: {err}. Fix model.optimizer.init_args.") from err
         if self.scheduler is None:
             return optimizer
         if _takes_total_steps(self.scheduler):

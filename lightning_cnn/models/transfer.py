@@ -83,6 +83,8 @@ class TransferNet(BackboneHead):
         self.head = mlp_head(flat_features(self.backbone, input_shape), (hidden_units, num_classes))
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+            # eval now too: Lightning restores recorded train/eval flags around validation directly
+            self.backbone.eval()
 
     @property
     def backbone_frozen(self) -> bool:

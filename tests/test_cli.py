@@ -1,0 +1,172 @@
+"""The command line as a user runs it: every config, fit then test, transfer, predict, and bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from fakedata import make_image_folder, make_mnist_idx
+from PIL import Image
+
+from lightning_cnn.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger=false",
+]
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_mnist_idx(root, n_train=64, n_test=32)
+    make_image_folder(root / "cifar10", per_class_train=10, per_class_test=2, suffix=".png")
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # configs write under runs/ relative to the working directory
+    return tmp_path
+
+
+def fit(config: str, root: Path, *extra: str) -> None:
+    main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), f"--data.data_dir={root}", *QUICK, *extra])
+
+
+@pytest.fixture(scope="module")
+def phase1_checkpoint(fake_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phase1")
+    fit("split_cifar10_phase1", fake_root, f"--checkpoint.dirpath={out}", f"--trainer.default_root_dir={out}")
+    return out / "best.ckpt"
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_every_config_fits_and_tests(config: str, fake_root: Path, phase1_checkpoint: Path, workdir: Path) -> None:
+    extra = [f"--model.network.init_args.checkpoint_path={phase1_checkpoint}"] if "transfer" in config else []
+    fit(config, fake_root, *extra)
+    checkpoints = sorted((workdir / "runs" / config / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in checkpoints][-1] == "last.ckpt"
+    for path in checkpoints:  # plain values only: loads without unpickling arbitrary objects
+        assert torch.load(path, weights_only=True)["hyper_parameters"]["network"]["class_path"]
+
+
+def test_phase2_transfer_through_the_cli_keeps_the_phase1_backbone(
+    fake_root: Path, phase1_checkpoint: Path, workdir: Path
+) -> None:
+    fit("split_cifar10_phase2_transfer", fake_root, f"--model.network.init_args.checkpoint_path={phase1_checkpoint}")
+    phase1 = torch.load(phase1_checkpoint, weights_only=True)["state_dict"]
+    phase2 = torch.load(workdir / "runs/split_cifar10_phase2_transfer/checkpoints/last.ckpt", weights_only=True)
+    backbone = [k for k in phase1 if k.startswith("network.backbone.")]
+    assert backbone and all(torch.equal(phase1[k], phase2["state_dict"][k]) for k in backbone)
+    assert phase2["state_dict"]["network.head.2.weight"].shape == (10, 128)
+
+
+def test_fit_then_tests_best_checkpoint_and_prints_table(
+    fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    fit("mnist", fake_root)
+    out = capsys.readouterr().out
+    assert "test/acc" in out and "test/f1_weighted" in out and "test/precision_weighted" in out
+    assert (workdir / "runs/mnist/checkpoints/best.ckpt").is_file()
+
+
+def test_a_second_run_in_the_same_directory_works(fake_root: Path, workdir: Path) -> None:
+    extra = ["--trainer.logger=true"]
+    fit("mnist", fake_root, *extra)
+    fit("mnist", fake_root, *extra)  # SaveConfigCallback must not refuse an existing config.yaml
+    assert len(list((workdir / "runs/mnist").rglob("config.yaml"))) == 2
+
+
+def test_predict_writes_csv_for_images_of_any_size_and_mode(
+    fake_root: Path, phase1_checkpoint: Path, workdir: Path
+) -> None:
+    images = workdir / "mine"
+    images.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(images / "big.jpg")
+    Image.new("L", (10, 10), 128).save(images / "gray.png")
+    out = workdir / "preds.csv"
+    main(
+        [
+            "predict",
+            "--config",
+            str(CONFIGS / "split_cifar10_phase1.yaml"),
+            f"--ckpt_path={phase1_checkpoint}",
+            f"--data.predict_dir={images}",
+            f"--predictions.output={out}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    rows = list(csv.DictReader(out.open()))
+    assert [Path(r["file"]).name for r in rows] == ["big.jpg", "gray.png"]
+    assert all(r["predicted_class"] in {"airplane", "automobile", "bird", "cat", "deer"} for r in rows)
+    assert all(0.2 <= float(r["probability"]) <= 1.0 for r in rows)  # max of a 5-way softmax
+
+
+BAD_INPUT = [
+    # (what the user did, arguments after the config, what the message must say)
+    ("unknown config key", ["--data.init_args.bach_size=3"], "bach_size"),
+    ("batch size 0", ["--data.batch_size=0"], "batch_size must be a positive integer, got 0"),
+    ("negative batch size", ["--data.batch_size=-5"], "batch_size must be a positive integer, got -5"),
+    ("learning rate 0", ["--model.optimizer.init_args.lr=-0.1"], "Invalid optimizer setting: Invalid learning rate"),
+    (
+        "dropout 1",
+        ["--model.network=lightning_cnn.models.CIFARCNNDropout", "--model.network.init_args.dropout=[0.2,1.0,0.1]"],
+        "dropout probabilities must lie in [0, 1)",
+    ),
+    ("validation share 1", ["--data.val_fraction=1.0"], "val_fraction must be a share in (0, 1), got 1.0"),
+    ("unknown split class", ["--data.phase1_classes=[0,1,10]"], "labels [10] that CIFAR-10 does not have"),
+    ("overlapping phases", ["--data.phase2_classes=[4,5,6]"], "overlap on [4]"),
+    (
+        "missing transfer checkpoint",
+        ["--model.network=lightning_cnn.models.TransferNet", "--model.network.init_args.checkpoint_path=nope.ckpt"],
+        "nope.ckpt does not exist",
+    ),
+    ("data not there", ["--data.data_dir=/nonexistent/place", "--data.download=false"], "No CIFAR data found"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "message"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_gets_one_clear_message_and_exit_2(
+    case: str, args: list[str], message: str, fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = str(CONFIGS / "split_cifar10_phase1.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, f"--data.data_dir={fake_root}", *QUICK, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unknown_config_file(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/no_such_experiment.yaml"])
+    assert exit_info.value.code == 2
+    assert "no_such_experiment.yaml" in capsys.readouterr().err
+
+
+def test_mnist_config_one_epoch_on_real_data(real_data: Path, workdir: Path) -> None:
+    # Seed 1: one-epoch accuracy of this recipe varies with the seed (seeds 0-3 gave 97.98, 98.38, 98.38, 98.46%).
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mnist.yaml"),
+            f"--data.data_dir={real_data}",
+            "--seed_everything=1",
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+        ]
+    )
+    assert cli.trainer.callback_metrics["test/acc"] >= 0.98

@@ -1,0 +1,209 @@
+"""Networks, metrics against scikit-learn, and the transfer model's frozen backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from sklearn import metrics as skm
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_cnn.errors import CheckpointError, ConfigError
+from lightning_cnn.models import CIFARCNN, MNISTCNN, CIFARCNNDropout, ImageClassifier, TransferNet
+from lightning_cnn.models.metrics import classification_metrics, scalar_figures
+
+
+def test_cifar_cnn_is_the_assignments_architecture() -> None:
+    net = CIFARCNN()
+    convs = [m for m in net.backbone if isinstance(m, nn.Conv2d)]
+    linears = [m for m in net.head if isinstance(m, nn.Linear)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (3, 64, (3, 3), (0, 0)),
+        (64, 128, (3, 3), (0, 0)),
+        (128, 256, (3, 3), (0, 0)),
+    ]
+    assert [(m.in_features, m.out_features) for m in linears] == [(1024, 128), (128, 256), (256, 10)]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.backbone) == 3
+    assert not any(isinstance(m, nn.Dropout) for m in net.modules())
+
+
+def test_dropout_cnn_puts_dropout_before_each_linear_layer() -> None:
+    kinds = [type(m).__name__ for m in CIFARCNNDropout().head]
+    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert [m.p for m in CIFARCNNDropout().head if isinstance(m, nn.Dropout)] == [0.2, 0.2, 0.1]
+    assert [m.p for m in CIFARCNNDropout(dropout=(0.5, 0.3, 0.0)).head if isinstance(m, nn.Dropout)] == [0.5, 0.3, 0.0]
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        CIFARCNNDropout(dropout=(0.2, 1.0, 0.1))
+
+
+def test_mnist_cnn_is_the_assignments_architecture() -> None:
+    net = MNISTCNN()
+    assert [(m.in_features, m.out_features) for m in net.head if isinstance(m, nn.Linear)] == [(1600, 128), (128, 10)]
+    assert [m.out_channels for m in net.backbone if isinstance(m, nn.Conv2d)] == [32, 64]
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 8) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def _random_predictions(seed: int, n: int = 500, labels: range = range(10)) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.tensor(list(labels))[torch.randint(len(labels), (n,), generator=g)]
+    noise = torch.randint(0, 10, (n,), generator=g)
+    preds = torch.where(torch.rand(n, generator=g) < 0.6, target, noise)  # 60% right, errors anywhere in 0-9
+    return preds, target
+
+
+def _sklearn_figures(preds: torch.Tensor, target: torch.Tensor, stage: str) -> dict[str, float]:
+    p, t = preds.numpy(), target.numpy()
+    figures = {f"{stage}/acc": skm.accuracy_score(t, p), f"{stage}/error": 1 - skm.accuracy_score(t, p)}
+    for average in ("weighted", "macro"):
+        figures[f"{stage}/precision_{average}"] = skm.precision_score(t, p, average=average, zero_division=0)
+        figures[f"{stage}/recall_{average}"] = skm.recall_score(t, p, average=average, zero_division=0)
+        figures[f"{stage}/f1_{average}"] = skm.f1_score(t, p, average=average, zero_division=0)
+    per_class = skm.recall_score(t, p, labels=range(10), average=None, zero_division=0)
+    for c in sorted(set(t.tolist())):
+        figures[f"{stage}/acc_class_{c}"] = per_class[c]
+    return figures
+
+
+@pytest.mark.parametrize("labels", [range(10), range(5, 10)], ids=["cifar10", "phase2-labels-5-9"])
+def test_every_figure_equals_scikit_learns(labels: range) -> None:
+    preds, target = _random_predictions(0, labels=labels)
+    collection = classification_metrics(10, "test")
+    for chunk in range(0, len(preds), 64):  # accumulated over batches, as in an epoch
+        collection.update(preds[chunk : chunk + 64], target[chunk : chunk + 64])
+    support = torch.bincount(target, minlength=10)
+    ours = {
+        k: float(v) for k, v in scalar_figures(collection.compute(), "test", list(map(str, range(10))), support).items()
+    }
+    expected = _sklearn_figures(preds, target, "test")
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-6), key
+
+
+class _Fixed(nn.Module):
+    """A 'network' whose logits are given: it looks each input's index up in a table."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Parameter(logits)
+        self.head = nn.Linear(1, logits.shape[1])  # gives the classifier its class count
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0].long()]
+
+
+def test_test_stage_logs_scikit_learn_figures_and_confusion_matrix() -> None:
+    preds, target = _random_predictions(1, n=300)
+    logits = torch.nn.functional.one_hot(preds, 10).float()
+    loader = _loader(torch.arange(300).view(-1, 1).float(), target, batch_size=64)
+    model = ImageClassifier(_Fixed(logits))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.test(model, loader, verbose=False)[0]
+    for key, value in _sklearn_figures(preds, target, "test").items():
+        assert logged[key] == pytest.approx(value, abs=1e-6), key
+    assert torch.equal(model.confusion["test"], torch.from_numpy(skm.confusion_matrix(target, preds, labels=range(10))))
+
+
+def _phase1_checkpoint(tmp_path: Path, network: nn.Module | None = None) -> Path:
+    model = ImageClassifier(network or CIFARCNN(num_classes=5))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, _loader(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])))
+    path = tmp_path / "phase1.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_transfer_backbone_is_frozen_bit_for_bit_and_the_head_learns(tmp_path: Path) -> None:
+    ckpt = _phase1_checkpoint(tmp_path)
+    net = TransferNet(str(ckpt), num_classes=10)
+    phase1 = torch.load(ckpt, weights_only=True)["state_dict"]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert all(torch.equal(before[f"backbone.{k}"], phase1[f"network.backbone.{k}"]) for k in net.backbone.state_dict())
+    assert [(m.in_features, m.out_features) for m in net.head if isinstance(m, nn.Linear)] == [(1024, 128), (128, 10)]
+    model = ImageClassifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01))
+    data = _loader(torch.randn(24, 3, 32, 32), torch.randint(5, 10, (24,)))
+    modes = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, *args: object) -> None:
+            modes.append((net.backbone.training, net.head.training))
+
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.callbacks.append(Probe())
+    trainer.fit(model, data)
+    after = net.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("backbone."))
+    assert not all(torch.equal(after[k], before[k]) for k in before if k.startswith("head."))
+    assert set(modes) == {(False, True)}  # frozen backbone in eval mode while the head trains
+
+
+def test_transfer_unfrozen_backbone_trains(tmp_path: Path) -> None:
+    net = TransferNet(str(_phase1_checkpoint(tmp_path)), freeze_backbone=False)
+    before = [p.clone() for p in net.backbone.parameters()]
+    model = ImageClassifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
+        model, _loader(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    )
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.backbone.parameters(), strict=True))
+
+
+def test_transfer_checkpoint_errors_come_before_training(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"does not exist\. Train phase 1 first"):
+        TransferNet(str(tmp_path / "missing.ckpt"))
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
+        TransferNet(str(junk))
+    mnist = _phase1_checkpoint_mnist(tmp_path)
+    with pytest.raises(CheckpointError, match="does not fit CIFARCNN's backbone"):
+        TransferNet(str(mnist))
+
+
+def _phase1_checkpoint_mnist(tmp_path: Path) -> Path:
+    path = tmp_path / "mnist.ckpt"
+    torch.save({"state_dict": {f"network.{k}": v for k, v in MNISTCNN().state_dict().items()}}, path)
+    return path
+
+
+def test_classifier_exposes_backbone_for_backbone_finetuning(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    net = TransferNet(str(_phase1_checkpoint(tmp_path)), freeze_backbone=False)
+    model = ImageClassifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    frozen_at_start = []
+
+    class Probe(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            frozen_at_start.append(not any(p.requires_grad for p in net.backbone.parameters()))
+
+    data = _loader(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    trainer = L.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=2), Probe()],
+    )
+    trainer.fit(model, data)
+    assert frozen_at_start == [True, True, False]
+
+
+def test_one_cycle_scheduler_gets_the_runs_step_count() -> None:
+    from functools import partial
+
+    model = ImageClassifier(
+        MNISTCNN(),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.5),
+    )
+    data = _loader(torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,)), batch_size=4)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, data)
+    scheduler = trainer.lr_scheduler_configs[0]
+    assert scheduler.interval == "step" and scheduler.scheduler.total_steps == 6
