@@ -55,7 +55,7 @@ def resident_stream(data_dir: str, batch_size: int, epochs: int) -> tuple[float,
         loader.set_epoch(epoch)
         start, n, first = time.perf_counter(), 0, None
         for batch in loader:
-            x, y = dm.on_after_batch_transfer(batch, 0)
+            _, y = dm.on_after_batch_transfer(batch, 0)
             first = first if first is not None else time.perf_counter() - start
             n += len(y)
         rates.append(n / (time.perf_counter() - start))
@@ -90,7 +90,7 @@ def main() -> None:
     theirs = assignment_pipeline(folder, args.batch_size, args.workers, args.baseline_batches)
 
     print(f"CIFAR-10 training batches of {args.batch_size}, flip + 4px-padded crop + normalize, from {folder}")
-    print(f"| pipeline | images/s |\n|---|---:|")
+    print("| pipeline | images/s |\n|---|---:|")
     print(f"| (a) assignment: ImageFolder + PIL transforms + DataLoader ({args.workers} workers) | {theirs:,.0f} |")
     print(f"| (b) lightning_cnn resident stream, 1 thread | {ours:,.0f} |")
     print(f"ratio (b)/(a): {ours / theirs:.1f}x")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+
+from lightning_cnn.errors import UserError
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -57,3 +61,72 @@ class PredictionCSVWriter(BasePredictionWriter):
             writer.writerows((path, name, f"{p:.6f}") for path, name, p in self._rows)
         os.replace(partial, self.output)
         print(f"Wrote {len(self._rows)} predictions to {self.output}")
+
+
+class RNGState(Callback):
+    """Saves the global torch, numpy and Python RNG states in each checkpoint and restores them on resume.
+
+    Lightning does not do this itself. The data path draws its randomness from ``(seed, epoch)`` and needs
+    none of it, but dropout does: with it, a resumed run continues bit-for-bit like an uninterrupted one.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            # as a tensor: numpy arrays would stop the checkpoint loading with weights_only=True
+            "numpy": [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        python = state_dict["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops the run, naming the epoch and step, as soon as the training loss is NaN or infinite.
+
+    Raising before the epoch ends means no checkpoint of the diverged weights is written: ``best.ckpt`` and
+    ``last.ckpt`` stay those of the last good epoch.
+    """
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        # Checked before backward, so the bad step never reaches the weights.
+        if not bool(torch.isfinite(loss.detach()).all()):
+            directory = getattr(trainer.checkpoint_callback, "dirpath", None)
+            batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
+            raise TrainingDiverged(
+                f"The training loss became {float(loss.detach().float())} at epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step} (batch {batch}). Training stopped; the checkpoints of the last "
+                f"good epoch are kept{f' in {directory}' if directory else ''}. Lower the learning rate or add "
+                "gradient clipping (trainer.gradient_clip_val), then resume or restart."
+            )
+
+
+class InterruptCheckpoint(Callback):
+    """On SIGTERM (pre-emption) or an error inside training, saves ``last-interrupted.ckpt`` beside the others.
+
+    Its name contains "last", so ``fit --ckpt_path last`` resumes from it when it is the newest. A diverged
+    run saves nothing (its weights are not worth resuming from).
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        directory = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if isinstance(exception, TrainingDiverged) or directory is None or not trainer.training:
+            return
+        path = Path(directory) / "last-interrupted.ckpt"
+        trainer.save_checkpoint(path)
+        print(f"Interrupted ({type(exception).__name__}); saved {path}. Resume with: fit ... --ckpt_path last")

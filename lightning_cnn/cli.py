@@ -7,7 +7,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_cnn.callbacks import PredictionCSVWriter
+from lightning_cnn.callbacks import InterruptCheckpoint, PredictionCSVWriter, RNGState, StopOnNonFiniteLoss
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import UserError
 from lightning_cnn.models import ImageClassifier
@@ -19,16 +19,22 @@ class CNNCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in (("num_classes", "num_classes"), ("input_shape", "input_shape")):
             parser.link_arguments(f"data.{source}", f"model.network.init_args.{target}", apply_on="instantiate")
-        # Every run keeps its best (by val/acc) and last checkpoint under fixed names, so a config can point
-        # at another run's checkpoint (phase 2 transfer) and `fit --ckpt_path last` resumes.
+        # Every run keeps its best (by val/acc) checkpoint and the last epoch's under fixed names, so a config
+        # can point at another run's checkpoint (phase 2 transfer) and `fit --ckpt_path last` resumes. Two
+        # callbacks: Lightning's save_last only writes last.ckpt in epochs that improved the monitored metric.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
                 "checkpoint.enable_version_counter": False,
+                "checkpoint.save_on_train_epoch_end": True,  # also in runs that validate every few epochs
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
+                "last_checkpoint.save_on_train_epoch_end": True,
             }
         )
         parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
@@ -39,8 +45,8 @@ class CNNCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True) or getattr(self.trainer, "fast_dev_run", False):
             return
-        checkpoint = self.trainer.checkpoint_callback
-        best = getattr(checkpoint, "best_model_path", "") if isinstance(checkpoint, ModelCheckpoint) else ""
+        monitored = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+        best = monitored[0].best_model_path if monitored else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
@@ -52,6 +58,7 @@ def main(args: list[str] | None = None) -> CNNCLI:
             ResidentDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [RNGState(), StopOnNonFiniteLoss(), InterruptCheckpoint()]},
             args=args,
         )
     except Exception as err:

@@ -1,0 +1,112 @@
+"""Resume, determinism, divergence and interruption: a run survives faults and never loses good checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from fakedata import make_image_folder
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_cnn.callbacks import InterruptCheckpoint, StopOnNonFiniteLoss, TrainingDiverged
+from lightning_cnn.cli import main
+from lightning_cnn.models import MNISTCNN, ImageClassifier
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "cifar10", per_class_train=8, per_class_test=2)
+
+
+def _fit(root: Path, out: Path, epochs: int, *extra: str) -> object:
+    return main([
+        "fit", "--config", str(CONFIGS / "cifar10_dropout.yaml"), f"--data.data_dir={root}", "--data.batch_size=16",
+        f"--trainer.max_epochs={epochs}", "--trainer.limit_train_batches=3", "--trainer.check_val_every_n_epoch=1",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--checkpoint.dirpath={out}", "--test_after_fit=false", *extra,
+    ])  # fmt: skip
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(cifar_root: Path, tmp_path: Path) -> None:
+    straight = _fit(cifar_root, tmp_path / "a", 3)
+    _fit(cifar_root, tmp_path / "b", 2)
+    resumed = _fit(cifar_root, tmp_path / "b", 3, "--ckpt_path=last")
+    a, b = _weights(tmp_path / "a" / "last.ckpt"), _weights(tmp_path / "b" / "last.ckpt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("val/acc", "val/loss", "train/loss_epoch"):
+        assert torch.equal(straight.trainer.callback_metrics[key], resumed.trainer.callback_metrics[key]), key
+
+
+def test_same_seed_same_weights_and_metrics(cifar_root: Path, tmp_path: Path) -> None:
+    one, two = _fit(cifar_root, tmp_path / "a", 2), _fit(cifar_root, tmp_path / "b", 2)
+    a, b = _weights(tmp_path / "a" / "last.ckpt"), _weights(tmp_path / "b" / "last.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert one.trainer.callback_metrics.keys() == two.trainer.callback_metrics.keys()
+    assert all(torch.equal(v, two.trainer.callback_metrics[k]) for k, v in one.trainer.callback_metrics.items())
+    other = _fit(cifar_root, tmp_path / "c", 2, "--seed_everything=1")
+    assert not torch.equal(
+        one.trainer.callback_metrics["train/loss_epoch"], other.trainer.callback_metrics["train/loss_epoch"]
+    )
+
+
+class _BreaksAt(nn.Module):
+    """MNISTCNN that outputs NaN from its ``at``-th call on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.net, self.calls, self.at = MNISTCNN(), 0, at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1 if self.training else 0
+        out = self.net(x)
+        return out * float("nan") if self.calls >= self.at else out
+
+
+def _data() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,))), batch_size=4)
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_good_checkpoints(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(tmp_path, filename="best", monitor="val/acc", mode="max", save_last=True,
+                                 save_on_train_epoch_end=True)  # fmt: skip
+    model = ImageClassifier(_BreaksAt(at=5), optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        callbacks=[checkpoint, StopOnNonFiniteLoss(), InterruptCheckpoint()])  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"became nan at epoch 1, step 4 \(batch 1\)"):
+        trainer.fit(model, _data(), _data())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "last.ckpt").values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+class _SigtermAt(L.Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    def trainer(*extra: L.Callback) -> L.Trainer:
+        checkpoint = ModelCheckpoint(tmp_path, save_last=True, save_on_train_epoch_end=True)
+        return L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False,
+                         callbacks=[checkpoint, InterruptCheckpoint(), *extra])  # fmt: skip
+
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+        trainer(_SigtermAt()).fit(ImageClassifier(MNISTCNN()), _data())
+    interrupted = torch.load(tmp_path / "last-interrupted.ckpt", weights_only=True)
+    assert interrupted["global_step"] == 4  # the step in flight finished, then the run stopped
+    resumed = trainer()
+    resumed.fit(ImageClassifier(MNISTCNN()), _data(), ckpt_path="last")
+    assert resumed.global_step == 9 and resumed.current_epoch == 3
