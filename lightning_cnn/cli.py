@@ -11,6 +11,7 @@ from lightning_cnn.callbacks import InterruptCheckpoint, PredictionCSVWriter, RN
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import UserError
 from lightning_cnn.models import ImageClassifier
+from lightning_cnn.reporting import RunReport
 
 
 class CNNCLI(LightningCLI):
@@ -50,15 +51,21 @@ class CNNCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-def main(args: list[str] | None = None) -> CNNCLI:
+def main(args: list[str] | None = None) -> CNNCLI | None:
     """Run the CLI; bad input ends in one line on stderr and exit status 2, not a traceback."""
+    argv = sys.argv[1:] if args is None else args
     try:
+        if argv[:1] == ["compare"]:  # not a Trainer method, so not a LightningCLI subcommand
+            from lightning_cnn.compare import main as compare
+
+            compare(argv[1:])
+            return None
         return CNNCLI(
             ImageClassifier,
             ResidentDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [RNGState(), StopOnNonFiniteLoss(), InterruptCheckpoint()]},
+            trainer_defaults={"callbacks": [RNGState(), StopOnNonFiniteLoss(), InterruptCheckpoint(), RunReport()]},
             args=args,
         )
     except Exception as err:

@@ -170,3 +170,34 @@ def test_mnist_config_one_epoch_on_real_data(real_data: Path, workdir: Path) -> 
         ]
     )
     assert cli.trainer.callback_metrics["test/acc"] >= 0.98
+
+
+def test_run_folder_report_and_compare(fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    fit("mnist", fake_root, "--trainer.max_epochs=2")
+    fit("split_cifar10_phase1", fake_root)
+    run = workdir / "runs" / "mnist"
+    for name in ("summary.json", "history.csv", "learning_curves.png", "confusion_matrix.png", "per_class.csv"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["parameters"] == summary["trainable_parameters"] == 225034
+    assert summary["train_images_per_second"] > 0 and 0 <= summary["test"]["test/acc"] <= 1
+    history = list(csv.DictReader((run / "history.csv").open()))
+    assert [r["epoch"] for r in history] == ["0.0", "1.0"] and all(r["val/acc"] for r in history)
+    capsys.readouterr()
+    main(["compare", "runs/mnist", "runs/split_cifar10_phase1", "--output=cmp/table.md", "--plot=cmp/curves.png"])
+    table = (workdir / "cmp" / "table.md").read_text()
+    assert table == capsys.readouterr().out.split("Wrote")[0]
+    assert table.splitlines()[0].startswith("| run | test acc | precision (w) |")
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["mnist", "split_cifar10_phase1"]
+    assert f"{100 * summary['test']['test/acc']:.2f}%" in table.splitlines()[2]
+    assert (workdir / "cmp" / "curves.png").stat().st_size > 1000
+
+
+def test_compare_refuses_a_folder_that_is_not_a_run(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    (workdir / "notes").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "notes"])
+    assert exit_info.value.code == 2
+    assert "notes is not a run folder: it has no summary.json" in capsys.readouterr().err

@@ -1,0 +1,74 @@
+"""``lightning-cnn compare RUN [RUN ...]``: a Markdown table and a validation-curve PNG of several runs.
+
+A run is the folder a config trains into (``runs/<experiment>``, holding ``summary.json`` and ``history.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning_cnn.errors import UserError
+from lightning_cnn.reporting import HISTORY, SUMMARY
+
+COLUMNS = [
+    ("test acc", lambda s: _pct(s.get("test", {}).get("test/acc"))),
+    ("precision (w)", lambda s: _pct(s.get("test", {}).get("test/precision_weighted"))),
+    ("recall (w)", lambda s: _pct(s.get("test", {}).get("test/recall_weighted"))),
+    ("F1 (w)", lambda s: _pct(s.get("test", {}).get("test/f1_weighted"))),
+    ("params", lambda s: f"{s['parameters']:,}" if "parameters" in s else "-"),
+    ("trainable", lambda s: f"{s['trainable_parameters']:,}" if "trainable_parameters" in s else "-"),
+    ("epochs", lambda s: str(s.get("epochs", "-"))),
+    ("wall time (s)", lambda s: f"{s['fit_seconds']:.0f}" if "fit_seconds" in s else "-"),
+    ("train img/s", lambda s: f"{s['train_images_per_second']:,.0f}" if "train_images_per_second" in s else "-"),
+]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def load_run(folder: Path) -> tuple[dict[str, Any], list[tuple[float, float]]]:
+    """A run's summary and its validation-accuracy curve ``[(epoch, val/acc), ...]``."""
+    summary_path = folder / SUMMARY
+    if not summary_path.is_file():
+        raise UserError(
+            f"{folder} is not a run folder: it has no {SUMMARY}. Pass the folder a config trained into "
+            "(its trainer.default_root_dir, e.g. runs/mnist)."
+        )
+    try:
+        summary = json.loads(summary_path.read_text())
+    except ValueError as err:
+        raise UserError(f"{summary_path} is not valid JSON ({err}); the run may have been cut off.") from err
+    curve: list[tuple[float, float]] = []
+    if (folder / HISTORY).is_file():
+        with open(folder / HISTORY) as f:
+            curve = [(float(r["epoch"]) + 1, float(r["val/acc"])) for r in csv.DictReader(f) if r.get("val/acc")]
+    return summary, curve
+
+
+def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
+    header = "| run | " + " | ".join(name for name, _ in COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    rows = [f"| {run} | " + " | ".join(fn(s) for _, fn in COLUMNS) + " |" for run, s in runs.items()]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lightning-cnn compare", description=__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. runs/cifar10_base runs/cifar10_dropout")
+    parser.add_argument("--output", type=Path, default=Path("comparison.md"), help="Markdown table to write")
+    parser.add_argument("--plot", type=Path, default=Path("comparison.png"), help="PNG of the validation curves")
+    args = parser.parse_args(argv)
+    loaded = {folder.name: load_run(folder) for folder in args.runs}
+    table = markdown_table({name: summary for name, (summary, _) in loaded.items()})
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(table)
+    from lightning_cnn.plots import plot_validation_curves
+
+    plot_validation_curves({name: curve for name, (_, curve) in loaded.items()}, args.plot)
+    print(table, end="")
+    print(f"Wrote {args.output} and {args.plot}")

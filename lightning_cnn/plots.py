@@ -1,0 +1,80 @@
+"""PNG pictures of a run with matplotlib (headless): learning curves, confusion matrix, validation curves."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt
+import torch
+
+
+def plot_learning_curves(history: Sequence[dict[str, float]], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, training and validation, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "acc"), strict=True):
+        for stage, style in (("train", "-o"), ("val", "-s")):
+            points = [(row["epoch"] + 1, row[f"{stage}/{metric}"]) for row in history if f"{stage}/{metric}" in row]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=f"{stage}/{metric}", markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{title} {metric}".strip())
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, names: Sequence[str], path: Path, present: torch.Tensor) -> None:
+    """Counts with class names on both axes; classes absent from the test set are left out."""
+    keep = present.nonzero().flatten()
+    matrix = confusion[keep][:, keep].numpy()
+    labels = [names[i] if i < len(names) else str(int(i)) for i in keep.tolist()]
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(labels), 1 + 0.6 * len(labels)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), count in [((i, j), matrix[i, j]) for i in range(len(labels)) for j in range(len(labels))]:
+        ax.text(j, i, str(int(count)), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_per_class_table(confusion: torch.Tensor, names: Sequence[str], path: Path, present: torch.Tensor) -> None:
+    """Precision, recall and F1 of each class present, from the confusion matrix (rows true, columns predicted)."""
+    tp = confusion.diagonal().double()
+    precision = tp / confusion.sum(dim=0).double().clamp(min=1)
+    recall = tp / confusion.sum(dim=1).double().clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for i in present.nonzero().flatten().tolist():
+            name = names[i] if i < len(names) else str(i)
+            support = int(confusion[i].sum())
+            writer.writerow([name, f"{precision[i]:.4f}", f"{recall[i]:.4f}", f"{f1[i]:.4f}", support])
+
+
+def plot_validation_curves(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    """Validation accuracy per epoch of several runs on one axis."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        if points:
+            ax.plot(*zip(*points, strict=True), "-o", label=name, markersize=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val/acc")
+    ax.grid(alpha=0.3)
+    if any(curves.values()):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

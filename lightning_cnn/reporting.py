@@ -1,0 +1,137 @@
+"""What a run leaves beside its checkpoints for people and for ``lightning-cnn compare``.
+
+``summary.json`` (figures, parameter counts, epochs, wall time, training images/s), ``history.csv`` (one row
+per epoch), ``learning_curves.png`` and, after test, ``confusion_matrix.png`` and ``per_class.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_cnn import __version__
+
+SUMMARY = "summary.json"
+HISTORY = "history.csv"
+
+
+def _float(value: Any) -> float:
+    return float(value.detach().cpu()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class RunReport(L.Callback):
+    """Records a run's figures, timing and per-epoch history, and writes them into the run folder.
+
+    The run folder is ``trainer.default_root_dir`` (``runs/<experiment>`` in the configs).
+    """
+
+    def __init__(self) -> None:
+        self.summary: dict[str, Any] = {}
+        self.history: list[dict[str, float]] = []
+        self._train_seconds = 0.0
+        self._train_images = 0
+        self._epoch_start = 0.0
+        self._val_start = 0.0
+        self._fit_start = 0.0
+        self._val: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ timing
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.history, self._train_seconds, self._train_images = [], 0.0, 0
+        self._fit_start = time.perf_counter()
+        self.summary = {
+            "run": Path(trainer.default_root_dir).name,
+            "versions": {"lightning_cnn": __version__, "torch": torch.__version__, "lightning": L.__version__},
+            "parameters": sum(p.numel() for p in pl_module.parameters()),
+            "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "precision": str(trainer.precision),
+            "devices": trainer.num_devices,
+            "accelerator": type(trainer.accelerator).__name__,
+        }
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        batch = args[1]
+        self._train_images += len(batch[1]) * trainer.world_size
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._epoch_start += time.perf_counter() - self._val_start  # validation is not training time
+            metrics = trainer.callback_metrics
+            self._val = {k: _float(metrics[k]) for k in ("val/loss", "val/acc", "val/f1_weighted") if k in metrics}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_seconds += time.perf_counter() - self._epoch_start
+        metrics = trainer.callback_metrics
+        row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step), **self._val}
+        for key in ("train/loss_epoch", "train/acc"):
+            if key in metrics:
+                row[key.replace("_epoch", "")] = _float(metrics[key])
+        self._val = {}  # epochs without validation get no (stale) validation figures
+        self.history.append(row)
+
+    # ------------------------------------------------------------------ writing
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.summary.update(
+            epochs=trainer.current_epoch,
+            fit_seconds=round(time.perf_counter() - self._fit_start, 2),
+            train_seconds=round(self._train_seconds, 2),
+            train_images_per_second=round(self._train_images / max(self._train_seconds, 1e-9), 1),
+        )
+        folder = Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._write_history(folder / HISTORY)
+        write_json_atomically(folder / SUMMARY, self.summary)
+        from lightning_cnn.plots import plot_learning_curves
+
+        plot_learning_curves(self.history, folder / "learning_curves.png", title=self.summary["run"])
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        summary = self.summary or _read_summary(folder)
+        summary["test"] = {k: round(_float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        write_json_atomically(folder / SUMMARY, summary)
+        confusion = getattr(pl_module, "confusion", {}).get("test")
+        names = list(getattr(pl_module, "class_names", []))
+        if confusion is not None:
+            from lightning_cnn.plots import plot_confusion_matrix, write_per_class_table
+
+            present = confusion.sum(dim=1) + confusion.sum(dim=0) > 0
+            plot_confusion_matrix(confusion, names, folder / "confusion_matrix.png", present)
+            write_per_class_table(confusion, names, folder / "per_class.csv", present)
+
+    def _write_history(self, path: Path) -> None:
+        keys = sorted({k for row in self.history for k in row}, key=lambda k: (k not in ("epoch", "step"), k))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+
+
+def _read_summary(folder: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((folder / SUMMARY).read_text()))
+    except (OSError, ValueError):
+        return {"run": folder.name}
