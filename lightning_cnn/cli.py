@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_cnn.callbacks import InterruptCheckpoint, PredictionCSVWriter, RNGState, StopOnNonFiniteLoss
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import UserError
+from lightning_cnn.loggers import SaveConfigToRun
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.reporting import RunReport
 
@@ -64,6 +65,7 @@ def main(args: list[str] | None = None) -> CNNCLI | None:
             ImageClassifier,
             ResidentDataModule,
             subclass_mode_data=True,
+            save_config_callback=SaveConfigToRun,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [RNGState(), StopOnNonFiniteLoss(), InterruptCheckpoint(), RunReport()]},
             args=args,

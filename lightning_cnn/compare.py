@@ -32,21 +32,37 @@ def _pct(value: float | None) -> str:
 
 
 def load_run(folder: Path) -> tuple[dict[str, Any], list[tuple[float, float]]]:
-    """A run's summary and its validation-accuracy curve ``[(epoch, val/acc), ...]``."""
-    summary_path = folder / SUMMARY
-    if not summary_path.is_file():
+    """A run's summary and its validation-accuracy curve ``[(epoch, val/acc), ...]``.
+
+    ``folder`` is a run folder (``summary.json``), or a local W&B run folder (``run-*.wandb``, offline or
+    synced), or a folder holding W&B runs (the newest is read).
+    """
+    if not (folder / SUMMARY).is_file():
+        wandb_runs = [p for pattern in ("run-*.wandb", "*run-*/run-*.wandb") for p in folder.glob(pattern)]
+        if wandb_runs:
+            return _load_wandb_run(max(wandb_runs, key=lambda p: p.stat().st_mtime).parent)
         raise UserError(
-            f"{folder} is not a run folder: it has no {SUMMARY}. Pass the folder a config trained into "
-            "(its trainer.default_root_dir, e.g. runs/mnist)."
+            f"{folder} is not a run folder: it has no {SUMMARY} and no W&B run. Pass the folder a config trained "
+            "into (its trainer.default_root_dir, e.g. runs/mnist) or a W&B run folder (wandb/offline-run-*)."
         )
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads((folder / SUMMARY).read_text())
     except ValueError as err:
-        raise UserError(f"{summary_path} is not valid JSON ({err}); the run may have been cut off.") from err
+        raise UserError(f"{folder / SUMMARY} is not valid JSON ({err}); the run may have been cut off.") from err
     curve: list[tuple[float, float]] = []
     if (folder / HISTORY).is_file():
         with open(folder / HISTORY) as f:
             curve = [(float(r["epoch"]) + 1, float(r["val/acc"])) for r in csv.DictReader(f) if r.get("val/acc")]
+    return summary, curve
+
+
+def _load_wandb_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, float]]]:
+    from lightning_cnn.wandb_files import read_run
+
+    record = read_run(run_dir)
+    summary = dict(record["summary"])
+    summary["test"] = {k: v for row in record["history"] for k, v in row.items() if k.startswith("test/")}
+    curve = [(float(row["epoch"]) + 1, float(row["val/acc"])) for row in record["history"] if "val/acc" in row]
     return summary, curve
 
 
@@ -63,7 +79,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--output", type=Path, default=Path("comparison.md"), help="Markdown table to write")
     parser.add_argument("--plot", type=Path, default=Path("comparison.png"), help="PNG of the validation curves")
     args = parser.parse_args(argv)
-    loaded = {folder.name: load_run(folder) for folder in args.runs}
+    loaded = {}
+    for folder in args.runs:
+        summary, curve = load_run(folder)
+        name = folder.resolve().name
+        loaded[summary.get("run", name) if name == "wandb" else name] = (summary, curve)
     table = markdown_table({name: summary for name, (summary, _) in loaded.items()})
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)

@@ -78,3 +78,29 @@ def plot_validation_curves(curves: dict[str, list[tuple[float, float]]], path: P
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_test_samples(
+    model: torch.nn.Module, datamodule: object, split: object, names: Sequence[str], path: Path, count: int = 32
+) -> None:
+    """A grid of test images spread over the test set, titled "predicted (true)", mistakes in red."""
+    images, labels = split.images, split.labels  # type: ignore[attr-defined]
+    index = torch.linspace(0, len(labels) - 1, min(count, len(labels))).long()
+    raw, target = images[index], labels[index]
+    device = next(model.parameters()).device
+    x, _ = datamodule.on_after_batch_transfer((raw.to(device), target.to(device)), 0)  # type: ignore[attr-defined]
+    with torch.no_grad():
+        predicted = model(x).argmax(dim=1).cpu()
+    columns = 8
+    rows = -(-len(index) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), squeeze=False)
+    for ax, image, p, t in zip(axes.flat, raw, predicted.tolist(), target.tolist(), strict=False):
+        picture = image.permute(1, 2, 0).squeeze(-1).cpu().numpy()
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+        name = lambda i: names[i] if i < len(names) else str(i)  # noqa: E731
+        ax.set_title(f"{name(p)}\n({name(t)})", fontsize=7, color="black" if p == t else "red")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_cnn import __version__
@@ -108,19 +109,27 @@ class RunReport(L.Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning_cnn.plots import plot_confusion_matrix, plot_test_samples, write_per_class_table
+
         folder = Path(trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         summary = self.summary or _read_summary(folder)
         summary["test"] = {k: round(_float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         write_json_atomically(folder / SUMMARY, summary)
         confusion = getattr(pl_module, "confusion", {}).get("test")
+        if confusion is None:
+            return
         names = list(getattr(pl_module, "class_names", []))
-        if confusion is not None:
-            from lightning_cnn.plots import plot_confusion_matrix, write_per_class_table
-
-            present = confusion.sum(dim=1) + confusion.sum(dim=0) > 0
-            plot_confusion_matrix(confusion, names, folder / "confusion_matrix.png", present)
-            write_per_class_table(confusion, names, folder / "per_class.csv", present)
+        present = confusion.sum(dim=1) + confusion.sum(dim=0) > 0
+        plot_confusion_matrix(confusion, names, folder / "confusion_matrix.png", present)
+        write_per_class_table(confusion, names, folder / "per_class.csv", present)
+        datamodule = getattr(trainer, "datamodule", None)
+        split = getattr(datamodule, "test_split", None)
+        if split is not None:
+            plot_test_samples(pl_module, datamodule, split, names, folder / "test_samples.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and os.environ.get("WANDB_MODE") != "disabled":
+                _log_to_wandb(logger, summary, confusion, names, present, folder)
 
     def _write_history(self, path: Path) -> None:
         keys = sorted({k for row in self.history for k in row}, key=lambda k: (k not in ("epoch", "step"), k))
@@ -128,6 +137,41 @@ class RunReport(L.Callback):
             writer = csv.DictWriter(f, keys)
             writer.writeheader()
             writer.writerows(self.history)
+
+
+def _log_to_wandb(
+    logger: WandbLogger,
+    summary: dict[str, Any],
+    confusion: torch.Tensor,
+    names: list[str],
+    present: torch.Tensor,
+    folder: Path,
+) -> None:
+    """The pictures and the per-class table of a test, and the run's summary figures, into its W&B run."""
+    import wandb
+
+    keep = present.nonzero().flatten().tolist()
+    labels = [names[i] if i < len(names) else str(i) for i in keep]
+    index = {c: k for k, c in enumerate(keep)}
+    y_true = [index[t] for t in keep for p in keep for _ in range(int(confusion[t, p]))]
+    y_pred = [index[p] for t in keep for p in keep for _ in range(int(confusion[t, p]))]
+    with open(folder / "per_class.csv") as f:
+        rows: list[list[Any]] = list(csv.reader(f))
+    run = logger.experiment
+    pictures = {"confusion_matrix": "confusion_matrix_image", "test_samples": "samples", "learning_curves": "curves"}
+    images = {
+        key: wandb.Image(str(folder / f"{name}.png"))
+        for name, key in pictures.items()
+        if (folder / f"{name}.png").is_file()
+    }
+    run.log(
+        {
+            "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=labels),
+            "test/per_class": wandb.Table(columns=list(rows[0]), data=rows[1:]),
+            **{f"test/{name}": image for name, image in images.items()},
+        }
+    )
+    run.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
 
 
 def _read_summary(folder: Path) -> dict[str, Any]:

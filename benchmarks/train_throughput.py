@@ -1,0 +1,145 @@
+"""Training images/s of the CIFAR CNN, three ways, in one invocation on the same machine.
+
+(a) the assignment's loop: plain PyTorch, torchvision ``ImageFolder`` + PIL transforms, ``DataLoader``, fp32,
+    NCHW, SGD, batch 128;
+(b) a bare PyTorch loop over resident tensors with the same batched augmentation as lightning_cnn and the
+    base config's settings (channels-last, fp32): the compute ceiling;
+(c) ``lightning-cnn fit`` with the base and the fast config (one process each; images/s measured by the
+    run report over training batches only).
+
+Prints images/s with ratios to (a) and (b). On a GPU machine the same script runs there (the data of (b)
+and (c) then stays on the GPU). Usage::
+
+    python benchmarks/train_throughput.py --data-dir ../shared/data --batches 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def assignment_loop(folder: Path, batches: int, workers: int) -> float:
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from lightning_cnn.models import CIFARCNN
+
+    device = _device()
+    transform = transforms.Compose(
+        [transforms.RandomHorizontalFlip(), transforms.RandomCrop(32, padding=4), transforms.ToTensor()]
+    )
+    loader = DataLoader(
+        datasets.ImageFolder(str(folder / "train"), transform),
+        batch_size=128,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    net = CIFARCNN().to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    n, start = 0, 0.0
+    for i, (x, y) in enumerate(loader):
+        if i == 5:  # warm-up (worker start, first kernels) is not counted
+            _sync(device)
+            n, start = 0, time.perf_counter()
+        if i == batches + 5:
+            break
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += len(y)
+    _sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def bare_resident_loop(data_dir: str, batches: int) -> float:
+    from lightning_cnn.data import CIFAR10DataModule
+    from lightning_cnn.data.augment import flip_and_crop
+    from lightning_cnn.data.loader import ResidentBatches
+    from lightning_cnn.models import CIFARCNN
+
+    device = _device()
+    dm = CIFAR10DataModule(data_dir, download=False)
+    dm.setup()
+    assert dm.train_split is not None
+    stream = ResidentBatches(dm.train_split, 128, train=True, pad=4, flip_p=0.5, device=device)
+    net = CIFARCNN().to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    n, start, i = 0, 0.0, 0
+    while i < batches + 5:
+        for x, y, params in stream:
+            if i == 5:
+                _sync(device)
+                n, start = 0, time.perf_counter()
+            if i == batches + 5:
+                break
+            x = dm.normalize(flip_and_crop(x, params, 4)).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n, i = n + len(y), i + 1
+    _sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def lightning_fit(config: str, data_dir: str, batches: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [
+            sys.executable, "-m", "lightning_cnn", "fit", "--config", str(CONFIGS / f"{config}.yaml"),
+            f"--data.data_dir={Path(data_dir).resolve()}", "--trainer.max_epochs=1",
+            f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=0", "--test_after_fit=false",
+            "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={out}/run",
+            f"--checkpoint.dirpath={out}/ckpt",
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, cwd=out)
+        return float(json.loads((Path(out) / "run" / "summary.json").read_text())["train_images_per_second"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--batches", type=int, default=150, help="timed training batches per variant")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the assignment loop")
+    args = parser.parse_args()
+    folder = next(p for p in Path(args.data_dir).iterdir() if "cifar" in p.name.lower() and (p / "train").is_dir())
+
+    results = {
+        "(a) assignment loop (PIL transforms, DataLoader, fp32)": assignment_loop(folder, args.batches, args.workers),
+        "(b) bare PyTorch loop, resident tensors (base settings)": bare_resident_loop(args.data_dir, args.batches),
+    }
+    for config in ("cifar10_base", "cifar10_fast"):
+        results[f"(c) lightning-cnn fit --config configs/{config}.yaml"] = lightning_fit(
+            config, args.data_dir, args.batches
+        )
+    a, b = list(results.values())[:2]
+    print(f"CIFAR CNN training, batch 128, {args.batches} timed batches each, device {_device()}")
+    print("| variant | images/s | vs (a) | vs (b) |\n|---|---:|---:|---:|")
+    for name, rate in results.items():
+        print(f"| {name} | {rate:,.0f} | {rate / a:.2f}x | {rate / b:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Read a local W&B run (offline or synced) back from its ``run-*.wandb`` file.
+
+Written here because wandb >= 0.20 ships no Python reader for these files (its reader moved into the
+Go core), and ``compare`` and the tests must read offline runs without a server. The file is a
+LevelDB-style log (32 KiB blocks of records with 7-byte headers) of ``wandb_internal_pb2.Record``s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lightning_cnn.errors import UserError
+
+_BLOCK = 32768
+_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    pos, pending = _HEADER, b""  # the file opens with ":W&B", a 2-byte magic and a version byte
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < _HEADER or (length == 0 and kind == 0):
+            pos += left  # block trailer padding
+            continue
+        if pos + _HEADER + length > len(data):
+            return  # a record still being written (the run is live): stop before it
+        chunk, pos = data[pos + _HEADER : pos + _HEADER + length], pos + _HEADER + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+
+
+def wandb_file(run_dir: Path) -> Path:
+    files = sorted(run_dir.glob("run-*.wandb"))
+    if not files:
+        raise UserError(f"{run_dir} is not a W&B run folder: it has no run-*.wandb file.")
+    return files[0]
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """The run's config, metric history (one dict per ``log`` call) and final summary."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    config: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for raw in _chunks(wandb_file(run_dir).read_bytes()):
+        record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf module
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            row: dict[str, Any] = {}
+            for item in record.history.item:
+                *parents, leaf = [item.key] if item.key else list(item.nested_key)
+                target = row
+                for part in parents:  # logged media and charts arrive as nested keys
+                    target = target.setdefault(part, {})
+                target[leaf] = json.loads(item.value_json)
+            history.append(row)
+        elif kind == "summary":
+            summary.update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
+    return {"config": config, "history": history, "summary": summary}

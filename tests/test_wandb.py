@@ -1,0 +1,93 @@
+"""W&B logging as users get it: offline runs recorded and readable, configs saved, no secrets written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fakedata import make_image_folder
+
+from lightning_cnn.cli import main
+from lightning_cnn.wandb_files import read_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    return make_image_folder(tmp_path / "data" / "cifar10", per_class_train=10, per_class_test=2)
+
+
+def _fit(root: Path) -> None:
+    import wandb
+
+    main(["fit", "--config", str(CONFIGS / "split_cifar10_phase1.yaml"), f"--data.data_dir={root}",
+          "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1",
+          "--trainer.enable_progress_bar=false", "--data.batch_size=10"])  # fmt: skip
+    wandb.finish()  # what the end of the `lightning-cnn` process does
+
+
+def test_offline_run_records_config_history_and_test_pictures(offline: Path, tmp_path: Path) -> None:
+    _fit(offline)
+    runs = sorted((tmp_path / "runs/split_cifar10_phase1/wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = read_run(runs[0])
+    config = record["config"]
+    assert config["model"]["network"]["class_path"] == "lightning_cnn.models.CIFARCNN"  # the resolved CLI config
+    assert config["data"]["init_args"]["phase"] == 1 and config["trainer"]["max_epochs"] == 2
+    history = record["history"]
+    steps = [row["_step"] for row in history]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # an axis that only increases
+    global_steps = [row["trainer/global_step"] for row in history if "trainer/global_step" in row]
+    assert global_steps == sorted(global_steps)
+    keys = {k for row in history for k in row}
+    expected = ["train/loss_step", "train/loss_epoch", "val/acc", "val/f1_weighted", "test/acc", "test/f1_weighted"]
+    expected += ["test/confusion_matrix_table", "test/per_class", "test/confusion_matrix_image", "test/samples"]
+    for key in expected:
+        assert key in keys, key
+    chart = next(row["test/confusion_matrix_table"] for row in history if "test/confusion_matrix_table" in row)
+    assert chart["_type"] == "table-file" and chart["ncols"] == 3  # the W&B confusion-matrix chart's data
+    val_epochs = [row["epoch"] for row in history if "val/acc" in row]
+    assert val_epochs == [0, 1]  # per epoch
+    assert (tmp_path / "runs/split_cifar10_phase1/config.yaml").is_file()
+
+
+def test_two_runs_in_a_row_and_no_api_key_in_any_file(offline: Path, tmp_path: Path) -> None:
+    _fit(offline)
+    _fit(offline)
+    assert len(list((tmp_path / "runs/split_cifar10_phase1/wandb").glob("offline-run-*"))) == 2
+    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert written
+    assert not [p for p in written if FAKE_KEY.encode() in p.read_bytes()]
+
+
+def test_compare_reads_offline_wandb_runs(offline: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _fit(offline)
+    run = next((tmp_path / "runs/split_cifar10_phase1/wandb").glob("offline-run-*"))
+    capsys.readouterr()
+    main(["compare", str(run), "runs/split_cifar10_phase1", "--output=t.md", "--plot=t.png"])
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert len(lines) == 4
+    # the W&B run and the run folder describe the same run: same figures after the name
+    assert lines[2].split("|")[2:] == lines[3].split("|")[2:]
+
+
+def test_no_account_means_offline_with_a_sync_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    from lightning_cnn.loggers import WandbLogger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    logger = WandbLogger(save_dir=str(tmp_path / "run"))
+    assert logger._offline
+    assert f"wandb sync {tmp_path / 'run' / 'wandb' / 'offline-run-*'}" in "".join(capfd.readouterr())
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert not WandbLogger(save_dir=str(tmp_path / "run"))._offline  # an account: online as configured
