@@ -201,3 +201,27 @@ def test_compare_refuses_a_folder_that_is_not_a_run(workdir: Path, capsys: pytes
         main(["compare", "notes"])
     assert exit_info.value.code == 2
     assert "notes is not a run folder: it has no summary.json" in capsys.readouterr().err
+
+
+def test_sweep_arguments_are_accepted_by_the_cli(capsys: pytest.CaptureFixture) -> None:
+    """Every sweep parameter, written as W&B writes ${args}, parses and lands in the resolved config."""
+    import yaml
+
+    for sweep_file in sorted((CONFIGS / "sweeps").glob("*.yaml")):
+        sweep = yaml.safe_load(sweep_file.read_text())
+        command = sweep["command"]
+        assert command[1:3] == ["lightning-cnn", "fit"]
+        fixed = [c for c in command[3:] if not c.startswith("${")]
+        fixed[fixed.index("--config") + 1] = str(CONFIGS.parent / fixed[fixed.index("--config") + 1])
+        picks = {k: (v["values"][-1] if "values" in v else v["min"]) for k, v in sweep["parameters"].items()}
+        args = [f"--{key}={value}" for key, value in picks.items()]  # W&B's ${args} format
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *fixed, *args, "--print_config"])
+        assert exit_info.value.code == 0
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        for key, value in picks.items():
+            node = resolved
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, key
+        assert sweep["metric"]["name"] in {"val/acc", "val/loss", "val/f1_weighted"}
