@@ -225,3 +225,15 @@ def test_sweep_arguments_are_accepted_by_the_cli(capsys: pytest.CaptureFixture) 
                 node = node[part]
             assert node == value, key
         assert sweep["metric"]["name"] in {"val/acc", "val/loss", "val/f1_weighted"}
+
+
+@pytest.mark.parametrize("override", ["ddp", "cpu_ddp"])
+def test_ddp_overrides_compose_with_every_experiment(override: str, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "cifar10_base.yaml"), "--config",
+              str(CONFIGS / "overrides" / f"{override}.yaml"), "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["strategy"] == "ddp" and trainer["max_epochs"] == 30  # the experiment's own settings stay

@@ -207,3 +207,13 @@ def test_one_cycle_scheduler_gets_the_runs_step_count() -> None:
     trainer.fit(model, data)
     scheduler = trainer.lr_scheduler_configs[0]
     assert scheduler.interval == "step" and scheduler.scheduler.total_steps == 6
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_and_keeps_plain_checkpoint_keys(tmp_path: Path) -> None:
+    model = ImageClassifier(MNISTCNN(), compile=True, channels_last=True)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, _loader(torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,)), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    keys = torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"].keys()
+    assert "network.backbone.0.weight" in keys and not any("_orig_mod" in k for k in keys)
