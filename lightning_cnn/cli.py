@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_cnn.callbacks import InterruptCheckpoint, PredictionCSVWriter, RNGState, StopOnNonFiniteLoss
 from lightning_cnn.data import ResidentDataModule
-from lightning_cnn.errors import UserError
+from lightning_cnn.errors import CheckpointError, ConfigError, UserError
 from lightning_cnn.loggers import SaveConfigToRun
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.reporting import RunReport
@@ -44,6 +48,21 @@ class CNNCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True, help="After fit, test the best checkpoint (fit only)."
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI itself opens --ckpt_path (for its hyperparameters) with an opaque error.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint(Path(ckpt_path))
+
+    def before_fit(self) -> None:
+        """Refuse, before any work, an output folder that cannot be written."""
+        folders: list[str | None] = [self.trainer.default_root_dir]
+        folders += [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks]
+        for folder in filter(None, folders):
+            check_writable(Path(folder))
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True) or getattr(self.trainer, "fast_dev_run", False):
             return
@@ -76,6 +95,34 @@ def main(args: list[str] | None = None) -> CNNCLI | None:
             raise
         print(f"lightning-cnn: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, or raise a ConfigError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"Cannot write to the output folder {folder} ({err.strerror or err}). Choose a writable place with "
+            "--trainer.default_root_dir and --checkpoint.dirpath."
+        ) from err
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise a CheckpointError unless ``path`` is a complete checkpoint that loads with ``weights_only=True``."""
+    if not path.is_file():
+        raise CheckpointError(f"--ckpt_path {path} does not exist. Pass a .ckpt file, or 'last' to resume.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"--ckpt_path {path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}); it may be "
+            "truncated. Resume from another file (e.g. best.ckpt or last.ckpt beside it)."
+        ) from err
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict).")
 
 
 def _user_error(err: BaseException | None) -> UserError | None:

@@ -135,11 +135,29 @@ BAD_INPUT = [
 ]
 
 
+UNWRITABLE = "/proc/version/out"  # a path under a file: not creatable, even by root
+BAD_INPUT += [
+    ("output folder not writable", [f"--trainer.default_root_dir={UNWRITABLE}"], "Cannot write to the output folder"),
+    ("checkpoint folder not writable", [f"--checkpoint.dirpath={UNWRITABLE}"], "Cannot write to the output folder"),
+    ("missing resume checkpoint", ["--ckpt_path=gone.ckpt"], "--ckpt_path gone.ckpt does not exist"),
+    ("truncated resume checkpoint", ["--ckpt_path=truncated.ckpt"], "is not a readable checkpoint"),
+    (
+        "transfer checkpoint not a checkpoint",
+        [
+            "--model.network=lightning_cnn.models.TransferNet",
+            "--model.network.init_args.checkpoint_path=truncated.ckpt",
+        ],
+        "is not a readable PyTorch checkpoint",
+    ),
+]
+
+
 @pytest.mark.parametrize(("case", "args", "message"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_gets_one_clear_message_and_exit_2(
     case: str, args: list[str], message: str, fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     config = str(CONFIGS / "split_cifar10_phase1.yaml")
+    (workdir / "truncated.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a zip archive cut short
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", config, f"--data.data_dir={fake_root}", *QUICK, *args])
     assert exit_info.value.code == 2
