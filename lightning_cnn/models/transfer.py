@@ -14,11 +14,11 @@ from lightning_cnn.errors import CheckpointError
 from lightning_cnn.models.networks import CIFARCNN, BackboneHead, flat_features, mlp_head
 
 
-def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``backbone.*`` weights of a Lightning checkpoint (or of a plain network state dict), prefix removed.
+def load_network_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The network weights of a Lightning checkpoint of this package (or of a plain state dict), prefix removed.
 
     Raises:
-        CheckpointError: the file is missing, is not a checkpoint, or holds no backbone.
+        CheckpointError: the file is missing or is not a checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -33,11 +33,23 @@ def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
     weights = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path} holds no state dict; expected a Lightning .ckpt of a phase-1 run.")
-    for prefix in ("network.backbone.", "network._orig_mod.backbone.", "backbone."):
+    for prefix in ("network._orig_mod.", "network."):
         found = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         if found:
             return found
-    raise CheckpointError(f"{path} has no backbone weights (no 'network.backbone.*' keys); is it a phase-1 run?")
+    return weights
+
+
+def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` weights of a Lightning checkpoint (or of a plain network state dict), prefix removed.
+
+    Raises:
+        CheckpointError: the file is missing, is not a checkpoint, or holds no backbone.
+    """
+    found = {k[len("backbone.") :]: v for k, v in load_network_state(path).items() if k.startswith("backbone.")}
+    if not found:
+        raise CheckpointError(f"{path} has no backbone weights (no 'network.backbone.*' keys); is it a phase-1 run?")
+    return found
 
 
 class TransferNet(BackboneHead):
@@ -73,6 +85,7 @@ class TransferNet(BackboneHead):
         if not isinstance(base, BackboneHead):
             raise TypeError(f"base must be one of this package's networks (with a .backbone), got {type(base)}")
         self.backbone = base.backbone
+        self.checkpoint_path = str(checkpoint_path)
         state = load_backbone_state(checkpoint_path)
         try:
             self.backbone.load_state_dict(state, strict=True)
