@@ -25,6 +25,10 @@ COLUMNS = [
     ("wall time (s)", lambda s: f"{s['fit_seconds']:.0f}" if "fit_seconds" in s else "-"),
     ("train img/s", lambda s: f"{s['train_images_per_second']:,.0f}" if "train_images_per_second" in s else "-"),
 ]
+# Shown only when some run has them: split CIFAR-10 phase-2 runs with lightning_cnn.retention.PhaseOneRetention.
+OPTIONAL_COLUMNS = [
+    ("phase-1 acc after phase 2", lambda s: _pct(s.get("test", {}).get("test/phase1_acc"))),
+]
 
 
 def _pct(value: float | None) -> str:
@@ -67,9 +71,10 @@ def _load_wandb_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, fl
 
 
 def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
-    header = "| run | " + " | ".join(name for name, _ in COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
-    rows = [f"| {run} | " + " | ".join(fn(s) for _, fn in COLUMNS) + " |" for run, s in runs.items()]
+    columns = COLUMNS[:1] + [c for c in OPTIONAL_COLUMNS if any(c[1](s) != "-" for s in runs.values())] + COLUMNS[1:]
+    header = "| run | " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    rows = [f"| {run} | " + " | ".join(fn(s) for _, fn in columns) + " |" for run, s in runs.items()]
     return "\n".join([header, rule, *rows]) + "\n"
 
 

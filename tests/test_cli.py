@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,11 @@ def phase1_checkpoint(fake_root: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
 def test_every_config_fits_and_tests(config: str, fake_root: Path, phase1_checkpoint: Path, workdir: Path) -> None:
-    extra = [f"--model.network.init_args.checkpoint_path={phase1_checkpoint}"] if "transfer" in config else []
+    extra = (
+        [f"--model.network.init_args.checkpoint_path={phase1_checkpoint}"]
+        if "TransferNet" in (CONFIGS / f"{config}.yaml").read_text()
+        else []
+    )
     fit(config, fake_root, *extra)
     checkpoints = sorted((workdir / "runs" / config / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in checkpoints][-1] == "last.ckpt"
@@ -68,6 +73,35 @@ def test_phase2_transfer_through_the_cli_keeps_the_phase1_backbone(
     backbone = [k for k in phase1 if k.startswith("network.backbone.")]
     assert backbone and all(torch.equal(phase1[k], phase2["state_dict"][k]) for k in backbone)
     assert phase2["state_dict"]["network.head.2.weight"].shape == (10, 128)
+
+
+def test_phase1_accuracy_after_transfer_and_finetune_is_reported_and_compared(
+    fake_root: Path, phase1_checkpoint: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = f"--model.network.init_args.checkpoint_path={phase1_checkpoint}"
+    for config in ("split_cifar10_phase2_transfer", "split_cifar10_phase2_finetune"):
+        fit(config, fake_root, checkpoint, "--trainer.limit_train_batches=4", "--trainer.limit_test_batches=null")
+    phase1 = json.loads((phase1_checkpoint.parent / "summary.json").read_text())["test"]["test/acc"]
+    transfer, finetune = (
+        json.loads((workdir / f"runs/split_cifar10_phase2_{kind}/summary.json").read_text())["test"]
+        for kind in ("transfer", "finetune")
+    )
+    # A frozen backbone under the phase-1 head gives back the phase-1 test figure exactly.
+    assert transfer["test/phase1_acc"] == pytest.approx(phase1)
+    assert 0.0 <= finetune["test/phase1_acc"] <= 1.0
+    capsys.readouterr()
+    main(["compare", "runs/split_cifar10_phase2_transfer", "runs/split_cifar10_phase2_finetune", "--output=t.md"])
+    table = (workdir / "t.md").read_text()
+    assert "phase-1 acc after phase 2" in table and f"{100 * phase1:.2f}%" in table
+
+
+def test_phase1_retention_needs_a_split_phase2_run(
+    fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        fit("cifar10_base", fake_root, "--trainer.callbacks+=lightning_cnn.retention.PhaseOneRetention")
+    assert exit_info.value.code == 2
+    assert "SplitCIFAR10DataModule with phase: 2" in capsys.readouterr().err
 
 
 def test_fit_then_tests_best_checkpoint_and_prints_table(
