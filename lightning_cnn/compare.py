@@ -1,6 +1,8 @@
 """``lightning-cnn compare RUN [RUN ...]``: a Markdown table and a validation-curve PNG of several runs.
 
-A run is the folder a config trains into (``runs/<experiment>``, holding ``summary.json`` and ``history.csv``).
+A run is the folder a config trains into (``runs/<experiment>``, holding ``summary.json`` and ``history.csv``),
+a local W&B run folder (offline or synced), or, online, a W&B run path ``entity/project/run_id`` (or its
+``https://wandb.ai/entity/project/runs/run_id`` address).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,44 @@ def _load_wandb_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, fl
     return summary, curve
 
 
+WANDB_RUN_PATH = re.compile(r"(?:https?://[^/]+/)?([\w.-]+)/([\w.-]+)/(?:runs/)?([\w-]+)/?")
+
+
+def load_wandb_api_run(path: str) -> tuple[dict[str, Any], list[tuple[float, float]]]:
+    """A run's summary and validation curve from the W&B server (needs network and an API key).
+
+    Raises:
+        UserError: the server cannot be reached, refuses the key, or has no such run.
+    """
+    import wandb
+
+    try:
+        run = wandb.Api(timeout=30).run(path)
+        summary = dict(run.summary)
+        rows = list(run.scan_history(keys=["epoch", "val/acc"]))
+    except Exception as err:  # wandb raises CommError, UsageError, ValueError, requests errors, ...
+        raise UserError(
+            f"{path} is no folder here, and reading it as a W&B run path failed ({type(err).__name__}: {err}). "
+            "Check the path (entity/project/run_id), your network and `wandb login`, or pass a local run folder."
+        ) from err
+    summary.setdefault("run", run.name)
+    summary["test"] = {k: v for k, v in summary.items() if k.startswith("test/") and isinstance(v, int | float)}
+    curve = [(float(row["epoch"]) + 1, float(row["val/acc"])) for row in rows if row.get("val/acc") is not None]
+    return summary, curve
+
+
+def load_any(run: str) -> tuple[str, dict[str, Any], list[tuple[float, float]]]:
+    """Name, summary and validation curve of a run given as a local folder or a W&B run path."""
+    folder = Path(run)
+    match = WANDB_RUN_PATH.fullmatch(run)
+    if not folder.exists() and match:
+        summary, curve = load_wandb_api_run("/".join(match.groups()))
+        return str(summary["run"]), summary, curve
+    summary, curve = load_run(folder)
+    name = folder.resolve().name
+    return (summary.get("run", name) if name == "wandb" else name), summary, curve
+
+
 def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
     columns = COLUMNS[:1] + [c for c in OPTIONAL_COLUMNS if any(c[1](s) != "-" for s in runs.values())] + COLUMNS[1:]
     header = "| run | " + " | ".join(name for name, _ in columns) + " |"
@@ -80,15 +121,16 @@ def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="lightning-cnn compare", description=__doc__)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. runs/cifar10_base runs/cifar10_dropout")
+    parser.add_argument(
+        "runs", nargs="+", help="run folders (runs/cifar10_base), W&B run folders, or W&B run paths entity/project/id"
+    )
     parser.add_argument("--output", type=Path, default=Path("comparison.md"), help="Markdown table to write")
     parser.add_argument("--plot", type=Path, default=Path("comparison.png"), help="PNG of the validation curves")
     args = parser.parse_args(argv)
     loaded = {}
-    for folder in args.runs:
-        summary, curve = load_run(folder)
-        name = folder.resolve().name
-        loaded[summary.get("run", name) if name == "wandb" else name] = (summary, curve)
+    for run in args.runs:
+        name, summary, curve = load_any(run)
+        loaded[name] = (summary, curve)
     table = markdown_table({name: summary for name, (summary, _) in loaded.items()})
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)

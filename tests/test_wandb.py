@@ -91,3 +91,52 @@ def test_no_account_means_offline_with_a_sync_hint(
     assert f"wandb sync {tmp_path / 'run' / 'wandb' / 'offline-run-*'}" in "".join(capfd.readouterr())
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     assert not WandbLogger(save_dir=str(tmp_path / "run"))._offline  # an account: online as configured
+
+
+class _FakeApiRun:
+    """What ``wandb.Api().run(path)`` returns, reduced to what compare reads (no server in tests)."""
+
+    name = "cifar10_base"
+    summary = {"test/acc": 0.8216, "parameters": 537610, "epochs": 30, "_wandb": {"runtime": 3}}
+
+    def scan_history(self, keys: list[str]) -> list[dict[str, float]]:
+        return [{"epoch": 4, "val/acc": 0.5}, {"epoch": 9, "val/acc": 0.7}]
+
+
+def test_compare_reads_an_online_wandb_run_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
+    asked: list[str] = []
+
+    class FakeApi:
+        def __init__(self, timeout: int | None = None) -> None: ...
+
+        def run(self, path: str) -> _FakeApiRun:
+            asked.append(path)
+            return _FakeApiRun()
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    monkeypatch.chdir(tmp_path)
+    main(["compare", "https://wandb.ai/me/lightning-cnn/runs/abc123", "me/lightning-cnn/def456", "--output=t.md"])
+    assert asked == ["me/lightning-cnn/abc123", "me/lightning-cnn/def456"]
+    row = (tmp_path / "t.md").read_text().splitlines()[2]
+    assert row.startswith("| cifar10_base | 82.16% |") and "537,610" in row
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
+
+
+def test_compare_explains_a_wandb_run_it_cannot_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import wandb
+
+    def unreachable(timeout: int | None = None) -> None:
+        raise wandb.errors.CommError("Could not connect to api.wandb.ai")
+
+    monkeypatch.setattr(wandb, "Api", unreachable)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "me/lightning-cnn/abc123"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "me/lightning-cnn/abc123 is no folder here" in err and "Could not connect" in err
+    assert not (tmp_path / "comparison.md").exists()
