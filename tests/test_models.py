@@ -39,6 +39,21 @@ def test_dropout_cnn_puts_dropout_before_each_linear_layer() -> None:
         CIFARCNNDropout(dropout=(0.2, 1.0, 0.1))
 
 
+@pytest.mark.parametrize("network", [CIFARCNN, CIFARCNNDropout, MNISTCNN])
+def test_init_keras_and_he_zero_the_biases_and_he_keeps_the_signal(network: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    nets = {init: network(init=init).eval() for init in ("pytorch", "keras", "he")}
+    for init in ("keras", "he"):
+        layers = [m for m in nets[init].modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        assert layers and all(not m.bias.any() for m in layers)
+    x = torch.rand(64, *(3, 32, 32) if network is not MNISTCNN else (1, 28, 28))
+    spread = {init: net(x).std(dim=0).mean().item() for init, net in nets.items()}
+    # PyTorch's default init shrinks the logits' dependence on the input by orders of magnitude on these nets
+    assert spread["he"] > 10 * spread["pytorch"]
+    with pytest.raises(ConfigError, match="init must be"):
+        network(init="glorot")
+
+
 def test_mnist_cnn_is_the_assignments_architecture() -> None:
     net = MNISTCNN()
     assert [(m.in_features, m.out_features) for m in net.head if isinstance(m, nn.Linear)] == [(1600, 128), (128, 10)]
