@@ -27,12 +27,19 @@ ORDER = [
     "split_cifar10_phase1",
     "split_cifar10_phase2_transfer",
     "split_cifar10_phase2_scratch",
+    "split_cifar10_phase2_finetune",
     "cifar10_fast",
     "cifar10_base",
     "cifar10_base_batch64",
+    "cifar10_base_he_batch64",
     "cifar10_dropout",
 ]
-PUBLISHED = {"mnist": "99.02%", "cifar10_base": "82.16%"}
+PUBLISHED = {
+    "mnist": "99.02%",
+    "cifar10_base": "82.16%",
+    "cifar10_base_batch64": "82.16%",
+    "cifar10_base_he_batch64": "82.16%",
+}
 FIGURES = ("acc", "precision_weighted", "recall_weighted", "f1_weighted")
 
 
