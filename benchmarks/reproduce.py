@@ -33,6 +33,7 @@ ORDER = [
     "cifar10_base_batch64",
     "cifar10_base_he_batch64",
     "cifar10_dropout",
+    "cifar10_dropout_he_batch64",
 ]
 PUBLISHED = {
     "mnist": "99.02%",
