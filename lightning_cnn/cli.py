@@ -7,11 +7,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_cnn.callbacks import InterruptCheckpoint, PredictionCSVWriter, RNGState, StopOnNonFiniteLoss
+from lightning_cnn.checkpoints import read_checkpoint
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import CheckpointError, ConfigError, UserError
 from lightning_cnn.loggers import SaveConfigToRun
@@ -112,16 +112,13 @@ def check_writable(folder: Path) -> None:
 
 def check_checkpoint(path: Path) -> None:
     """Raise a CheckpointError unless ``path`` is a complete checkpoint that loads with ``weights_only=True``."""
-    if not path.is_file():
-        raise CheckpointError(f"--ckpt_path {path} does not exist. Pass a .ckpt file, or 'last' to resume.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"--ckpt_path {path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:200]}); it may be "
-            "truncated. Resume from another file (e.g. best.ckpt or last.ckpt beside it)."
-        ) from err
-    if not isinstance(state, dict) or "state_dict" not in state:
+    state = read_checkpoint(
+        path,
+        "--ckpt_path",
+        missing_hint="Pass a .ckpt file, or 'last' to resume.",
+        unreadable_hint="Resume from another file (e.g. best.ckpt or last.ckpt beside it).",
+    )
+    if "state_dict" not in state:
         raise CheckpointError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict).")
 
 

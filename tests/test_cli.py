@@ -174,7 +174,7 @@ BAD_INPUT += [
     ("output folder not writable", [f"--trainer.default_root_dir={UNWRITABLE}"], "Cannot write to the output folder"),
     ("checkpoint folder not writable", [f"--checkpoint.dirpath={UNWRITABLE}"], "Cannot write to the output folder"),
     ("missing resume checkpoint", ["--ckpt_path=gone.ckpt"], "--ckpt_path gone.ckpt does not exist"),
-    ("truncated resume checkpoint", ["--ckpt_path=truncated.ckpt"], "is not a readable checkpoint"),
+    ("truncated resume checkpoint", ["--ckpt_path=truncated.ckpt"], "is not a readable PyTorch checkpoint"),
     (
         "transfer checkpoint not a checkpoint",
         [

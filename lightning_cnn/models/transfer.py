@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lightning_cnn.checkpoints import read_checkpoint
 from lightning_cnn.errors import CheckpointError
 from lightning_cnn.models.networks import CIFARCNN, BackboneHead, flat_features, mlp_head
 
@@ -20,17 +19,14 @@ def load_network_state(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: the file is missing or is not a checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"Transfer checkpoint {path} does not exist. Train phase 1 first "
-            "(lightning-cnn fit --config configs/split_cifar10_phase1.yaml) or point checkpoint_path at its .ckpt."
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}).") from err
-    weights = state.get("state_dict", state) if isinstance(state, dict) else None
+    state = read_checkpoint(
+        path,
+        "Transfer checkpoint",
+        missing_hint="Train phase 1 first (lightning-cnn fit --config configs/split_cifar10_phase1.yaml) or point "
+        "checkpoint_path at its .ckpt.",
+        unreadable_hint="Point checkpoint_path at a phase-1 run's best.ckpt or last.ckpt.",
+    )
+    weights = state.get("state_dict", state)
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path} holds no state dict; expected a Lightning .ckpt of a phase-1 run.")
     for prefix in ("network._orig_mod.", "network."):
