@@ -232,3 +232,15 @@ def test_compiled_network_trains_and_keeps_plain_checkpoint_keys(tmp_path: Path)
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     keys = torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"].keys()
     assert "network.backbone.0.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_flip_test_time_averages_an_image_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    x = torch.rand(5, 3, 8, 8)
+    plain, flipped = ImageClassifier(network), ImageClassifier(network, flip_test_time=True)
+    expected = (network(x) + network(x.flip(-1))) / 2
+    torch.testing.assert_close(flipped._eval_logits(x), expected)
+    # the prediction no longer depends on the image's orientation; without the option it does
+    torch.testing.assert_close(flipped._eval_logits(x.flip(-1)), flipped._eval_logits(x))
+    assert not torch.allclose(plain._eval_logits(x.flip(-1)), plain._eval_logits(x))
