@@ -10,33 +10,13 @@ times each, and prints the training images/s of each (from the run report) and t
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from fit_rate import fit_images_per_second
 
 
 def run(config: str, data_dir: str, batches: int, every: int, logger: bool) -> float:
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [
-            sys.executable, "-m", "lightning_cnn", "fit", "--config", str(CONFIGS / f"{config}.yaml"),
-            f"--data.data_dir={Path(data_dir).resolve()}", "--trainer.max_epochs=1",
-            f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=0", "--test_after_fit=false",
-            "--trainer.enable_progress_bar=false", f"--trainer.log_every_n_steps={every}",
-            f"--trainer.default_root_dir={out}/run", f"--checkpoint.dirpath={out}/ckpt",
-        ]  # fmt: skip
-        if logger:
-            cmd.append(f"--trainer.logger.init_args.save_dir={out}/run")
-        else:
-            cmd.append("--trainer.logger=false")
-        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-        subprocess.run(cmd, check=True, capture_output=True, cwd=out, env=env)
-        return float(json.loads((Path(out) / "run" / "summary.json").read_text())["train_images_per_second"])
+    return fit_images_per_second(config, data_dir, batches, f"--trainer.log_every_n_steps={every}", wandb=logger)
 
 
 def main() -> None:

@@ -16,18 +16,14 @@ and (c) then stays on the GPU). Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
+from fit_rate import CONFIGS, fit_images_per_second
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CIFAR10_TRAIN_IMAGES = 50_000
 
 
@@ -107,19 +103,6 @@ def bare_resident_loop(data_dir: str, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def lightning_fit(config: str, data_dir: str, batches: int) -> float:
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [
-            sys.executable, "-m", "lightning_cnn", "fit", "--config", str(CONFIGS / f"{config}.yaml"),
-            f"--data.data_dir={Path(data_dir).resolve()}", "--trainer.max_epochs=1",
-            f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=0", "--test_after_fit=false",
-            "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={out}/run",
-            f"--checkpoint.dirpath={out}/ckpt",
-        ]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True, cwd=out)
-        return float(json.loads((Path(out) / "run" / "summary.json").read_text())["train_images_per_second"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data")
@@ -133,7 +116,7 @@ def main() -> None:
         "(b) bare PyTorch loop, resident tensors (base settings)": bare_resident_loop(args.data_dir, args.batches),
     }
     for config in ("cifar10_base", "cifar10_fast"):
-        results[f"(c) lightning-cnn fit --config configs/{config}.yaml"] = lightning_fit(
+        results[f"(c) lightning-cnn fit --config configs/{config}.yaml"] = fit_images_per_second(
             config, args.data_dir, args.batches
         )
     a, b = list(results.values())[:2]
