@@ -68,9 +68,8 @@ class PhaseOneRetention(Callback):
         backbone = cast(nn.Module, cast(nn.Module, pl_module.network).backbone)
         cast(nn.Module, network.backbone).load_state_dict(backbone.state_dict())
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
-        settings = {
-            k: v for k, v in datamodule.hparams.items() if not k.startswith("_")
-        }  # LightningCLI adds _class_path
+        # The run's data settings with phase 1 swapped in; LightningCLI adds a "_class_path" entry to drop.
+        settings = {k: v for k, v in datamodule.hparams.items() if not k.startswith("_")}
         phase1 = type(datamodule)(**{**settings, "phase": 1, "data_on_device": False})
         phase1.setup("test")
         preds, labels = [], []
