@@ -7,16 +7,21 @@
 (c) ``lightning-cnn fit`` with the base and the fast config (one process each; images/s measured by the
     run report over training batches only).
 
-Prints images/s with ratios to (a) and (b). On a GPU machine the same script runs there (the data of (b)
+Prints images/s with ratios to (a) and (b). With ``--repeats N`` the four variants run round-robin N times
+and the table shows each one's median (timings on a shared VM drift by up to 20% between minutes; interleaving
+spreads that drift over all variants alike). On a GPU machine the same script runs there (the data of (b)
 and (c) then stays on the GPU). Usage::
 
-    python benchmarks/train_throughput.py --data-dir ../shared/data --batches 150
+    python benchmarks/train_throughput.py --data-dir ../shared/data --batches 150 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -108,22 +113,33 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--batches", type=int, default=150, help="timed training batches per variant")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the assignment loop")
+    parser.add_argument("--repeats", type=int, default=1, help="round-robin runs of every variant; medians shown")
     args = parser.parse_args()
     folder = next(p for p in Path(args.data_dir).iterdir() if "cifar" in p.name.lower() and (p / "train").is_dir())
 
-    results = {
-        "(a) assignment loop (PIL transforms, DataLoader, fp32)": assignment_loop(folder, args.batches, args.workers),
-        "(b) bare PyTorch loop, resident tensors (base settings)": bare_resident_loop(args.data_dir, args.batches),
+    variants: dict[str, Callable[[], float]] = {
+        "(a) assignment loop (PIL transforms, DataLoader, fp32)": partial(
+            assignment_loop, folder, args.batches, args.workers
+        ),
+        "(b) bare PyTorch loop, resident tensors (base settings)": partial(
+            bare_resident_loop, args.data_dir, args.batches
+        ),
     }
     for config in ("cifar10_base", "cifar10_fast"):
-        results[f"(c) lightning-cnn fit --config configs/{config}.yaml"] = fit_images_per_second(
-            config, args.data_dir, args.batches
+        variants[f"(c) lightning-cnn fit --config configs/{config}.yaml"] = partial(
+            fit_images_per_second, config, args.data_dir, args.batches
         )
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, measure in variants.items():
+            runs[name].append(measure())
+    results = {name: statistics.median(rates) for name, rates in runs.items()}
     a, b = list(results.values())[:2]
-    print(f"CIFAR CNN training, {args.batches} timed batches each, device {_device()}")
-    print("| variant | images/s | vs (a) | vs (b) |\n|---|---:|---:|---:|")
+    print(f"CIFAR CNN training, {args.batches} timed batches each, {args.repeats} run(s), device {_device()}")
+    print("| variant | images/s (median) | vs (a) | vs (b) | runs |\n|---|---:|---:|---:|---|")
     for name, rate in results.items():
-        print(f"| {name} | {rate:,.0f} | {rate / a:.2f}x | {rate / b:.2f}x |")
+        each = ", ".join(f"{r:,.0f}" for r in runs[name])
+        print(f"| {name} | {rate:,.0f} | {rate / a:.2f}x | {rate / b:.2f}x | {each} |")
     # The time target compares whole recipes: the assignment's 30 epochs in its own loop against the fast
     # config's epochs, both at the rates just measured on this machine (training time; evaluation excluded).
     assignment_s = 30 * CIFAR10_TRAIN_IMAGES / a
