@@ -9,8 +9,9 @@
 
 Prints images/s with ratios to (a) and (b). With ``--repeats N`` the four variants run round-robin N times
 and the table shows each one's median (timings on a shared VM drift by up to 20% between minutes; interleaving
-spreads that drift over all variants alike). On a GPU machine the same script runs there (the data of (b)
-and (c) then stays on the GPU). Usage::
+spreads that drift over all variants alike), and the share of CPU time the hypervisor took from this VM
+during each run ("steal", from ``/proc/stat``; a slowed run shows it). On a GPU machine the same script
+runs there (the data of (b) and (c) then stays on the GPU). Usage::
 
     python benchmarks/train_throughput.py --data-dir ../shared/data --batches 150 --repeats 3
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from cpu_steal import with_steal
 from fit_rate import CONFIGS, fit_images_per_second
 
 CIFAR10_TRAIN_IMAGES = 50_000
@@ -130,16 +132,22 @@ def main() -> None:
             fit_images_per_second, config, args.data_dir, args.batches
         )
     runs: dict[str, list[float]] = {name: [] for name in variants}
+    steals: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, measure in variants.items():
-            runs[name].append(measure())
+            rate, steal = with_steal(measure)
+            runs[name].append(rate)
+            if steal is not None:
+                steals[name].append(steal)
     results = {name: statistics.median(rates) for name, rates in runs.items()}
     a, b = list(results.values())[:2]
     print(f"CIFAR CNN training, {args.batches} timed batches each, {args.repeats} run(s), device {_device()}")
-    print("| variant | images/s (median) | vs (a) | vs (b) | runs |\n|---|---:|---:|---:|---|")
+    print("| variant | images/s (median) | vs (a) | vs (b) | runs | CPU steal (runs) |")
+    print("|---|---:|---:|---:|---|---|")
     for name, rate in results.items():
         each = ", ".join(f"{r:,.0f}" for r in runs[name])
-        print(f"| {name} | {rate:,.0f} | {rate / a:.2f}x | {rate / b:.2f}x | {each} |")
+        stolen = ", ".join(f"{100 * st:.0f}%" for st in steals[name]) or "n/a"
+        print(f"| {name} | {rate:,.0f} | {rate / a:.2f}x | {rate / b:.2f}x | {each} | {stolen} |")
     # The time target compares whole recipes: the assignment's 30 epochs in its own loop against the fast
     # config's epochs, both at the rates just measured on this machine (training time; evaluation excluded).
     assignment_s = 30 * CIFAR10_TRAIN_IMAGES / a

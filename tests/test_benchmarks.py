@@ -17,3 +17,23 @@ def test_fit_rate_reports_training_images_per_second(tmp_path: Path, wandb: bool
     make_mnist_idx(tmp_path, n_train=256, n_test=32)
     rate = fit_images_per_second("mnist", str(tmp_path), 2, "--data.batch_size=64", wandb=wandb)
     assert rate > 0
+
+
+def test_with_steal_reports_the_share_of_cpu_time_taken_meanwhile(tmp_path: Path) -> None:
+    from cpu_steal import with_steal
+
+    stat = tmp_path / "stat"
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 20 800 0 0 0 80 0 0\ncpu0 50 0 10 400 0 0 0 40 0 0\n")
+
+    def busy() -> str:  # 300 more jiffies, 90 of them stolen
+        stat.write_text("cpu  250 0 30 850 0 0 0 170 0 0\ncpu0 125 0 15 425 0 0 0 85 0 0\n")
+        return "done"
+
+    assert with_steal(busy, stat) == ("done", 90 / 300)
+
+
+def test_with_steal_is_unknown_without_proc_stat(tmp_path: Path) -> None:
+    from cpu_steal import with_steal
+
+    assert with_steal(lambda: 1, tmp_path / "missing") == (1, None)
