@@ -37,7 +37,10 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 class RunReport(L.Callback):
     """Records a run's figures, timing and per-epoch history, and writes them into the run folder.
 
-    The run folder is ``trainer.default_root_dir`` (``runs/<experiment>`` in the configs).
+    The run folder is ``trainer.default_root_dir`` (``runs/<experiment>`` in the configs). Its history and
+    timing travel in the checkpoints (``state_dict``), so a run resumed with ``--ckpt_path``, even from the
+    mid-epoch checkpoint an interruption leaves, reports all its epochs and its training time and images
+    over every part, not just the last.
     """
 
     def __init__(self) -> None:
@@ -45,14 +48,38 @@ class RunReport(L.Callback):
         self.history: list[dict[str, float]] = []
         self._train_seconds = 0.0
         self._train_images = 0
-        self._epoch_start = 0.0
+        self._fit_seconds_before = 0.0  # wall time of the parts of this run before a resume
+        self._epoch_start: float | None = None  # set while a training epoch runs
         self._val_start = 0.0
         self._fit_start = 0.0
         self._val: dict[str, float] = {}
 
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        in_epoch = 0.0 if self._epoch_start is None else now - self._epoch_start
+        return {
+            "history": [dict(row) for row in self.history],
+            "train_seconds": self._train_seconds + in_epoch,
+            "train_images": self._train_images,
+            "fit_seconds": self._fit_seconds_before + now - self._fit_start,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks after setup() and, depending on the strategy, before or after
+        # on_fit_start; setup() is where the counters start, so restoring adds to them in either order.
+        self.history = [dict(row) for row in state_dict["history"]] + self.history
+        self._train_seconds += float(state_dict["train_seconds"])
+        self._train_images += int(state_dict["train_images"])
+        self._fit_seconds_before += float(state_dict["fit_seconds"])
+
     # ------------------------------------------------------------------ timing
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.history, self._train_seconds, self._train_images, self._fit_seconds_before = [], 0.0, 0, 0.0
+            self._epoch_start = None
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.history, self._train_seconds, self._train_images = [], 0.0, 0
         self._fit_start = time.perf_counter()
         self.summary = {
             "run": Path(trainer.default_root_dir).name,
@@ -63,6 +90,10 @@ class RunReport(L.Callback):
             "devices": trainer.num_devices,
             "accelerator": type(trainer.accelerator).__name__,
         }
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed mid-epoch goes on with that epoch without on_train_epoch_start
+        self._epoch_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -76,12 +107,15 @@ class RunReport(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._epoch_start += time.perf_counter() - self._val_start  # validation is not training time
+            if self._epoch_start is not None:  # validation is not training time
+                self._epoch_start += time.perf_counter() - self._val_start
             metrics = trainer.callback_metrics
             self._val = {k: _float(metrics[k]) for k in ("val/loss", "val/acc", "val/f1_weighted") if k in metrics}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._train_seconds += time.perf_counter() - self._epoch_start
+        if self._epoch_start is not None:
+            self._train_seconds += time.perf_counter() - self._epoch_start
+        self._epoch_start = None
         metrics = trainer.callback_metrics
         row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step), **self._val}
         for key in ("train/loss_epoch", "train/acc"):
@@ -95,8 +129,9 @@ class RunReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.summary.update(
             epochs=trainer.current_epoch,
-            fit_seconds=round(time.perf_counter() - self._fit_start, 2),
+            fit_seconds=round(self._fit_seconds_before + time.perf_counter() - self._fit_start, 2),
             train_seconds=round(self._train_seconds, 2),
+            train_images=self._train_images,
             train_images_per_second=round(self._train_images / max(self._train_seconds, 1e-9), 1),
         )
         folder = Path(trainer.default_root_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 from pathlib import Path
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_cnn.callbacks import InterruptCheckpoint, StopOnNonFiniteLoss, TrainingDiverged
 from lightning_cnn.cli import main
 from lightning_cnn.models import MNISTCNN, ImageClassifier
+from lightning_cnn.reporting import RunReport
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -110,3 +113,20 @@ def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     resumed = trainer()
     resumed.fit(ImageClassifier(MNISTCNN()), _data(), ckpt_path="last")
     assert resumed.global_step == 9 and resumed.current_epoch == 3
+
+
+def test_a_run_resumed_mid_epoch_reports_every_epoch_and_all_its_training(tmp_path: Path) -> None:
+    def trainer(*extra: L.Callback) -> L.Trainer:
+        checkpoint = ModelCheckpoint(tmp_path, save_last=True, save_on_train_epoch_end=True)
+        return L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path / "run",
+                         callbacks=[checkpoint, InterruptCheckpoint(), RunReport(), *extra])  # fmt: skip
+
+    with pytest.raises(SystemExit):  # interrupted at step 4, the first batch of epoch 1
+        trainer(_SigtermAt()).fit(ImageClassifier(MNISTCNN()), _data())
+    trainer().fit(ImageClassifier(MNISTCNN()), _data(), ckpt_path="last")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["train_images"] == 3 * 12  # 4 steps before, 5 after, 4 images each
+    # before the fix the resumed part timed its first epoch from the clock's zero (hours)
+    assert 0 < summary["train_seconds"] <= summary["fit_seconds"]
+    with open(tmp_path / "run" / "history.csv") as f:
+        assert [int(float(row["epoch"])) for row in csv.DictReader(f)] == [0, 1, 2]
