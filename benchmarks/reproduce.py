@@ -33,6 +33,7 @@ ORDER = [
     "cifar10_base_batch64",
     "cifar10_base_he_batch64",
     "cifar10_base_he_cosine",
+    "cifar10_base_he_batch64_cosine",
     "cifar10_dropout",
     "cifar10_dropout_he_batch64",
 ]
@@ -42,6 +43,7 @@ PUBLISHED = {
     "cifar10_base_batch64": "82.16%",
     "cifar10_base_he_batch64": "82.16%",
     "cifar10_base_he_cosine": "82.16%",
+    "cifar10_base_he_batch64_cosine": "82.16%",
 }
 FIGURES = ("acc", "precision_weighted", "recall_weighted", "f1_weighted")
 
