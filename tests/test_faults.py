@@ -100,30 +100,27 @@ class _SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
-    def trainer(*extra: L.Callback) -> L.Trainer:
-        checkpoint = ModelCheckpoint(tmp_path, save_last=True, save_on_train_epoch_end=True)
-        return L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False,
-                         callbacks=[checkpoint, InterruptCheckpoint(), *extra])  # fmt: skip
+def _resumable_trainer(folder: Path, *extra: L.Callback) -> L.Trainer:
+    """3 epochs, checkpoints in ``folder`` at every epoch end and on an interruption."""
+    checkpoint = ModelCheckpoint(folder, save_last=True, save_on_train_epoch_end=True)
+    return L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, default_root_dir=folder / "run",
+                     callbacks=[checkpoint, InterruptCheckpoint(), *extra])  # fmt: skip
 
+
+def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # Lightning's SIGTERMException
-        trainer(_SigtermAt()).fit(ImageClassifier(MNISTCNN()), _data())
+        _resumable_trainer(tmp_path, _SigtermAt()).fit(ImageClassifier(MNISTCNN()), _data())
     interrupted = torch.load(tmp_path / "last-interrupted.ckpt", weights_only=True)
     assert interrupted["global_step"] == 4  # the step in flight finished, then the run stopped
-    resumed = trainer()
+    resumed = _resumable_trainer(tmp_path)
     resumed.fit(ImageClassifier(MNISTCNN()), _data(), ckpt_path="last")
     assert resumed.global_step == 9 and resumed.current_epoch == 3
 
 
 def test_a_run_resumed_mid_epoch_reports_every_epoch_and_all_its_training(tmp_path: Path) -> None:
-    def trainer(*extra: L.Callback) -> L.Trainer:
-        checkpoint = ModelCheckpoint(tmp_path, save_last=True, save_on_train_epoch_end=True)
-        return L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path / "run",
-                         callbacks=[checkpoint, InterruptCheckpoint(), RunReport(), *extra])  # fmt: skip
-
     with pytest.raises(SystemExit):  # interrupted at step 4, the first batch of epoch 1
-        trainer(_SigtermAt()).fit(ImageClassifier(MNISTCNN()), _data())
-    trainer().fit(ImageClassifier(MNISTCNN()), _data(), ckpt_path="last")
+        _resumable_trainer(tmp_path, RunReport(), _SigtermAt()).fit(ImageClassifier(MNISTCNN()), _data())
+    _resumable_trainer(tmp_path, RunReport()).fit(ImageClassifier(MNISTCNN()), _data(), ckpt_path="last")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["train_images"] == 3 * 12  # 4 steps before, 5 after, 4 images each
     # before the fix the resumed part timed its first epoch from the clock's zero (hours)
