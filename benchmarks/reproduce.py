@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The split phases must run in this order: phase 2 transfer reads phase 1's checkpoint.
 ORDER = [
     "mnist",
@@ -51,7 +50,7 @@ FIGURES = ("acc", "precision_weighted", "recall_weighted", "f1_weighted")
 def run(config: str, data_dir: str, out: Path, extra: list[str]) -> None:
     log = out / "logs" / f"{config}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "lightning_cnn", "fit", "--config", str(CONFIGS / f"{config}.yaml"),
+    cmd = [sys.executable, "-m", "lightning_cnn", "fit", "--config", config,
            f"--data.data_dir={Path(data_dir).resolve()}", "--trainer.enable_progress_bar=false", *extra]  # fmt: skip
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -66,7 +65,7 @@ def table(out: Path, configs: list[str]) -> str:
     )
     lines = [f"| {columns} |", "|---|" + "---:|" * 8]
     for config in configs:
-        path = out / "runs" / config / "summary.json"
+        path = out / "runs" / config / "latest" / "summary.json"  # the newest finished run
         if not path.is_file():
             lines.append(f"| {config} | not run | {PUBLISHED.get(config, '-')} |  |  |  |  |  |  |")
             continue

@@ -92,6 +92,19 @@ class RNGState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class ShareRunFolder(Callback):
+    """Gives every process of a distributed run rank 0's run folder.
+
+    Under launchers that start each rank themselves (torchrun, SLURM, several nodes) only rank 0 knows the run
+    folder it created; the others learn it here, at set-up, where every rank takes part in the broadcast.
+    Lightning's own ``ModelCheckpoint`` broadcasts its folder the same way.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        folder = trainer.strategy.broadcast(str(trainer.default_root_dir), src=0)
+        trainer._default_root_dir = folder  # type: ignore[attr-defined]  # no public setter
+
+
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
 

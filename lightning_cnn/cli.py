@@ -2,32 +2,72 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import tempfile
+import warnings
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_cnn.callbacks import InterruptCheckpoint, PredictionCSVWriter, RNGState, StopOnNonFiniteLoss
+from lightning_cnn import __version__
+from lightning_cnn.callbacks import (
+    InterruptCheckpoint,
+    PredictionCSVWriter,
+    RNGState,
+    ShareRunFolder,
+    StopOnNonFiniteLoss,
+    TrainingDiverged,
+)
 from lightning_cnn.checkpoints import read_checkpoint
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import CheckpointError, ConfigError, UserError
+from lightning_cnn.experiments import resolve_config_args
 from lightning_cnn.loggers import SaveConfigToRun
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.reporting import RunReport
+from lightning_cnn.runs import CHECKPOINTS, RUN_ID_ENV, RunPlan, plan_run, point_latest, process_rank
+
+# Exit statuses, as the README documents them.
+EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+OTHER_COMMANDS = """other commands:
+  compare RUN [RUN ...]  table and validation curves of runs (lightning-cnn compare --help)
+  experiments            list the shipped experiment configs (lightning-cnn fit --config NAME)
+
+Exit status: 0 success, 2 bad input, 3 training diverged, 143 interrupted (SIGTERM; resume with
+--ckpt_path last), 1 anything else."""
 
 
 class CNNCLI(LightningCLI):
     """LightningCLI that wires the data's class count and image shape into the network, and tests after fit."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--extends",
+            type=str | None,
+            default=None,
+            help="In a config file: the config it builds on (read before it). Set on the command line: no effect.",
+        )
+        parser.add_argument(
+            "--experiment",
+            type=str | None,
+            default=None,
+            help="Name of the experiment; its runs go to runs/<experiment>/<run id>/ (default: the config's name).",
+        )
         for source, target in (("num_classes", "num_classes"), ("input_shape", "input_shape")):
             parser.link_arguments(f"data.{source}", f"model.network.init_args.{target}", apply_on="instantiate")
-        # Every run keeps its best (by val/acc) checkpoint and the last epoch's under fixed names, so a config
-        # can point at another run's checkpoint (phase 2 transfer) and `fit --ckpt_path last` resumes. Two
-        # callbacks: Lightning's save_last only writes last.ckpt in epochs that improved the monitored metric.
+        # Every run keeps its best (by val/acc) checkpoint and the last epoch's under fixed names in its own
+        # folder, so a config can point at another run's checkpoint (phase 2 through runs/<phase 1>/latest) and
+        # `fit --ckpt_path last` resumes. Two callbacks: Lightning's save_last only writes last.ckpt in epochs
+        # that improved the monitored metric.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
@@ -50,35 +90,122 @@ class CNNCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
-        # Before LightningCLI itself opens --ckpt_path (for its hyperparameters) with an opaque error.
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        # Before LightningCLI itself opens --ckpt_path (for its hyperparameters) with an opaque error.
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_dir():
             check_checkpoint(Path(ckpt_path))
+        self.run = place_run(subcommand, config)
 
     def before_fit(self) -> None:
         """Refuse, before any work, an output folder that cannot be written."""
+        if not self.trainer.is_global_zero:
+            return
         folders: list[str | None] = [self.trainer.default_root_dir]
         folders += [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks]
         for folder in filter(None, folders):
             check_writable(Path(folder))
 
     def after_fit(self) -> None:
-        if not self.config[self.subcommand].get("test_after_fit", True) or getattr(self.trainer, "fast_dev_run", False):
+        if getattr(self.trainer, "fast_dev_run", False):  # a smoke run keeps no checkpoint: not a finished run
             return
-        monitored = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
-        best = monitored[0].best_model_path if monitored else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        if self.config[self.subcommand].get("test_after_fit", True):
+            monitored = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+            best = monitored[0].best_model_path if monitored else ""
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        if self.trainer.is_global_zero and (self.run.folder / CHECKPOINTS).is_dir():
+            point_latest(self.run.folder)
+            print(f"Run folder: {self.run.folder} (now {self.run.folder.parent.name}/latest)")
 
 
-def main(args: list[str] | None = None) -> CNNCLI | None:
-    """Run the CLI; bad input ends in one line on stderr and exit status 2, not a traceback."""
-    argv = sys.argv[1:] if args is None else args
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the epilog's lines kept as written."""
+
+
+def place_run(subcommand: str, config: Namespace) -> RunPlan:
+    """Give the command its run folder: the trainer's root, the checkpoints and the W&B run all go there.
+
+    The experiment folder is ``--trainer.default_root_dir`` when given (as Lightning's own root for its
+    ``version_N`` folders), else ``runs/<experiment>``; the run folder is a new one inside it, or the run a
+    ``fit`` resumes. An explicit ``--checkpoint.dirpath`` still wins for the checkpoints.
+    """
+    experiment = config.get("experiment") or _first_config_stem(config) or "lightning_cnn"
+    config.experiment = experiment
+    trainer = config.trainer
+    experiment_dir = Path(trainer.default_root_dir or Path("runs") / experiment)
+    run = plan_run(subcommand, experiment_dir, config.get("ckpt_path"), process_rank())
+    config.ckpt_path = run.ckpt_path
+    trainer.default_root_dir = str(run.folder)
+    if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
+        config.checkpoint.dirpath = str(run.folder / CHECKPOINTS)
+        config.last_checkpoint.dirpath = config.checkpoint.dirpath
+    for logger in _logger_configs(trainer.get("logger")):
+        if str(logger.get("class_path", "")).endswith("WandbLogger"):
+            init = logger.init_args if logger.get("init_args") is not None else Namespace()
+            logger.init_args = init
+            init.save_dir = str(run.folder)
+            init.name = init.get("name") or experiment
+            init.id = run.folder.name  # the run id is the W&B id: a resumed run continues its W&B run
+            init.resume = "allow" if run.resumed else None
+    if run.created:
+        os.environ[RUN_ID_ENV] = run.folder.name  # the processes Lightning starts for DDP join this run
+    return run
+
+
+def _logger_configs(value: Any) -> list[Namespace]:
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, Namespace)]
+
+
+def _first_config_stem(config: Namespace) -> str | None:
+    files = config.get("config") or []
+    return Path(str(files[0])).stem if files else None
+
+
+def main(args: list[str] | None = None) -> int:
+    """The ``lightning-cnn`` command: 0 on success; bad input ends in one line on stderr and exit status 2.
+
+    Other statuses: 3 when training diverged, 143 when a run was interrupted by SIGTERM (pre-emption), 1 for
+    anything unexpected (with its traceback). See :func:`run` for the in-process API.
+    """
+    try:
+        run(args)
+    except SystemExit as exit_:
+        if isinstance(exit_, SIGTERMException):
+            print("lightning-cnn: interrupted by SIGTERM; resume with the same command and --ckpt_path last",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(EXIT_PREEMPTED) from None
+        raise
+    return EXIT_OK
+
+
+def run(args: list[str] | None = None) -> CNNCLI | None:
+    """Run the CLI in this process and return it (``None`` for commands that are not Trainer methods).
+
+    Raises:
+        SystemExit: with status 2 (one line on stderr) for bad input, 3 when training diverged.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    # The console script passes its own argv on as args (configs named by their shipped name resolved); sys.argv
+    # stays as it is, since Lightning's DDP launcher starts the other processes from it.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    created_run = RUN_ID_ENV not in os.environ
     try:
         if argv[:1] == ["compare"]:  # not a Trainer method, so not a LightningCLI subcommand
             from lightning_cnn.compare import main as compare
 
             compare(argv[1:])
+            return None
+        if argv[:1] == ["experiments"]:
+            from lightning_cnn.experiments import print_experiments
+
+            print_experiments()
+            return None
+        if argv[:1] == ["--version"]:
+            print(f"lightning-cnn {__version__}")
             return None
         return CNNCLI(
             ImageClassifier,
@@ -86,15 +213,29 @@ def main(args: list[str] | None = None) -> CNNCLI | None:
             subclass_mode_data=True,
             save_config_callback=SaveConfigToRun,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [RNGState(), StopOnNonFiniteLoss(), InterruptCheckpoint(), RunReport()]},
-            args=args,
+            trainer_defaults={
+                "callbacks": [ShareRunFolder(), RNGState(), StopOnNonFiniteLoss(), InterruptCheckpoint(), RunReport()]
+            },
+            # exit_on_error=False: a mistake becomes one line below instead of ~90 lines of usage first
+            parser_kwargs={
+                "epilog": OTHER_COMMANDS,
+                "formatter_class": _HelpFormatter,
+                "exit_on_error": False,
+                **{c: {"exit_on_error": False} for c in CNNCLI.subcommands()},
+            },
+            args=resolve_config_args(argv),
         )
     except Exception as err:
         cause = _user_error(err)
         if cause is None:
             raise
-        print(f"lightning-cnn: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
+        subcommand = next((a for a in argv if a in CNNCLI.subcommands()), None)
+        hint = f" See lightning-cnn {subcommand} --help" if isinstance(cause, ArgumentError) and subcommand else ""
+        print(f"lightning-cnn: error: {_one_line(cause)}{hint}", file=sys.stderr)
+        raise SystemExit(EXIT_DIVERGED if isinstance(cause, TrainingDiverged) else EXIT_BAD_INPUT) from None
+    finally:
+        if created_run:
+            os.environ.pop(RUN_ID_ENV, None)
 
 
 def check_writable(folder: Path) -> None:
@@ -122,12 +263,30 @@ def check_checkpoint(path: Path) -> None:
         raise CheckpointError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict).")
 
 
-def _user_error(err: BaseException | None) -> UserError | None:
-    """The UserError behind ``err``: jsonargparse wraps errors raised while it instantiates classes."""
-    seen = set()
+# Lines of jsonargparse's nested messages that say nothing the user can act on.
+_PARSER_NOISE = (
+    "Subtypes:",
+    "Errors:",
+    "Given value type",
+    "Does not validate against any",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith(_PARSER_NOISE)).rstrip(".") + "."
+
+
+def _user_error(err: BaseException | None) -> UserError | ArgumentError | None:
+    """The UserError behind ``err`` (jsonargparse wraps errors raised while it instantiates classes), else the
+    parser's own ArgumentError."""
+    seen, parse_error = set(), None
     while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
             return err
+        if isinstance(err, ArgumentError) and parse_error is None:
+            parse_error = err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return None
+    return parse_error

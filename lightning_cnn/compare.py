@@ -1,7 +1,8 @@
 """``lightning-cnn compare RUN [RUN ...]``: a Markdown table and a validation-curve PNG of several runs.
 
-A run is the folder a config trains into (``runs/<experiment>``, holding ``summary.json`` and ``history.csv``),
-a local W&B run folder (offline or synced), or, online, a W&B run path ``entity/project/run_id`` (or its
+A run is a run folder (``runs/<experiment>/<run id>``, holding ``summary.json`` and ``history.csv``), an
+experiment folder (``runs/<experiment>``: its ``latest`` run), a local W&B run folder (offline or synced), or,
+online, a W&B run path ``entity/project/run_id`` (or its
 ``https://wandb.ai/entity/project/runs/run_id`` address).
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from lightning_cnn.errors import UserError
 from lightning_cnn.reporting import HISTORY, SUMMARY
+from lightning_cnn.runs import LATEST
 
 COLUMNS = [
     ("test acc", lambda s: _pct(s.get("test", {}).get("test/acc"))),
@@ -44,13 +46,16 @@ def load_run(folder: Path) -> tuple[dict[str, Any], list[tuple[float, float]]]:
     ``folder`` is a run folder (``summary.json``), or a local W&B run folder (``run-*.wandb``, offline or
     synced), or a folder holding W&B runs (the newest is read).
     """
+    if not (folder / SUMMARY).is_file() and (folder / LATEST / SUMMARY).is_file():
+        folder = folder / LATEST  # an experiment folder: its newest finished run
     if not (folder / SUMMARY).is_file():
         wandb_runs = [p for pattern in ("run-*.wandb", "*run-*/run-*.wandb") for p in folder.glob(pattern)]
         if wandb_runs:
             return _load_wandb_run(max(wandb_runs, key=lambda p: p.stat().st_mtime).parent)
         raise UserError(
-            f"{folder} is not a run folder: it has no {SUMMARY} and no W&B run. Pass the folder a config trained "
-            "into (its trainer.default_root_dir, e.g. runs/mnist) or a W&B run folder (wandb/offline-run-*)."
+            f"{folder} is not a run folder: it has no {SUMMARY} and no W&B run. Pass a run folder "
+            "(runs/<experiment>/<run id>), an experiment folder (runs/mnist: its latest run) or a W&B run folder "
+            "(wandb/offline-run-*)."
         )
     try:
         summary = json.loads((folder / SUMMARY).read_text())
@@ -108,7 +113,9 @@ def load_any(run: str) -> tuple[str, dict[str, Any], list[tuple[float, float]]]:
         return str(summary["run"]), summary, curve
     summary, curve = load_run(folder)
     name = folder.resolve().name
-    return (summary.get("run", name) if name == "wandb" else name), summary, curve
+    if name == "wandb":
+        return summary.get("run", name), summary, curve
+    return str(summary.get("experiment", name)), summary, curve
 
 
 def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
@@ -127,9 +134,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--output", type=Path, default=Path("comparison.md"), help="Markdown table to write")
     parser.add_argument("--plot", type=Path, default=Path("comparison.png"), help="PNG of the validation curves")
     args = parser.parse_args(argv)
-    loaded = {}
+    loaded: dict[str, tuple[dict[str, Any], list[tuple[float, float]]]] = {}
     for run in args.runs:
         name, summary, curve = load_any(run)
+        if name in loaded:  # runs of one experiment: tell them apart by run id
+            name = f"{name}/{summary.get('run', len(loaded))}"
         loaded[name] = (summary, curve)
     table = markdown_table({name: summary for name, (summary, _) in loaded.items()})
     args.output.parent.mkdir(parents=True, exist_ok=True)

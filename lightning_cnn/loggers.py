@@ -11,7 +11,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_cnn.runs import process_rank
 
 
 def wandb_configured() -> bool:
@@ -35,12 +36,14 @@ class WandbLogger(LightningWandbLogger):
 
     Args:
         project: W&B project.
-        name: run name (the configs use the experiment's name).
+        name: run name (the CLI uses the experiment's name).
         group: runs of one study (the split CIFAR-10 phases and their baseline share one).
         job_type: role of the run within its group (``phase1``, ``phase2-transfer``, ...).
         tags: e.g. the dataset and the model.
-        save_dir: where the local run files go.
+        save_dir: where the local run files go (the CLI sets the run folder); ``None``: the working directory.
         offline: force offline; ``None`` decides as above.
+        id: the W&B run id (the CLI uses the run folder's name, so a resumed run continues its W&B run).
+        resume: W&B's resume policy (the CLI sets ``"allow"`` when it resumes a run).
         **kwargs: passed on to Lightning's ``WandbLogger`` and ``wandb.init``.
     """
 
@@ -51,40 +54,54 @@ class WandbLogger(LightningWandbLogger):
         group: str | None = None,
         job_type: str | None = None,
         tags: list[str] | None = None,
-        save_dir: str = ".",
+        save_dir: str | None = None,
         offline: bool | None = None,
+        id: str | None = None,
+        resume: str | None = None,
         **kwargs: Any,
     ) -> None:
+        # Absolute: wandb's service process outlives a run and resolves relative paths against its own cwd.
+        save_dir = str(Path(save_dir or ".").resolve())
+        rank_zero = process_rank() == 0
         if offline is None:
             offline = os.environ.get("WANDB_MODE") is None and not wandb_configured()
-            if offline and getattr(rank_zero_only, "rank", 0) == 0:
-                hint = f"wandb sync {Path(save_dir).resolve() / 'wandb' / 'offline-run-*'}"
+            if offline and rank_zero:
+                hint = f"wandb sync {Path(save_dir) / 'wandb' / 'offline-run-*'}"
                 print(f"W&B: no API key found, recording offline. Upload later with `{hint}`.", file=sys.stderr)
-        # Absolute: wandb's service process outlives a run and resolves relative paths against its own cwd.
-        save_dir = str(Path(save_dir).resolve())
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if rank_zero:  # only rank 0 makes the W&B run; the others must not create folders
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            kwargs["resume"] = resume
         super().__init__(
             project=project, name=name, group=group, job_type=job_type, tags=tags, save_dir=save_dir,
-            offline=offline, **kwargs,
+            offline=offline, id=id, **kwargs,
         )  # fmt: skip
 
 
 class SaveConfigToRun(SaveConfigCallback):
-    """LightningCLI's ``SaveConfigCallback`` that also puts the resolved config into the W&B run.
+    """LightningCLI's ``SaveConfigCallback`` that saves the config into the run folder and the W&B run.
 
-    The config file still goes to the log folder (overwritten by a rerun, not refused); with a W&B logger the
-    whole resolved config becomes the run's config and the file is saved with the run. Only rank 0 does this,
-    so DDP makes one W&B run, not one per process.
+    ``config.yaml`` goes to the run folder (``trainer.default_root_dir``, one per run, so nothing is overwritten
+    but a resumed run's own file). With a W&B logger the whole resolved config becomes the run's config and the
+    file is saved with the run. Only rank 0 does this, so DDP makes one W&B run, not one per process.
+
+    Lightning's own ``setup`` asks ``trainer.log_dir``, a collective, which then runs on every rank; the W&B part
+    runs on rank 0 alone and must not call one (an earlier version read ``trainer.log_dir`` there, and DDP hung).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Rank 0 only (Lightning calls this on global rank zero): no collective calls in here.
+        config_path = Path(trainer.default_root_dir) / self.config_filename
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(config_path), skip_none=False, overwrite=True, multifile=self.multifile)
         for logger in trainer.loggers:
             if isinstance(logger, LightningWandbLogger) and not _disabled():
                 experiment = logger.experiment
                 experiment.config.update(self.config.as_dict(), allow_val_change=True)
-                config_path = Path(trainer.log_dir or ".") / self.config_filename
-                if config_path.is_file():
-                    experiment.save(str(config_path), base_path=str(config_path.parent), policy="now")
+                experiment.save(str(config_path), base_path=str(config_path.parent), policy="now")
 
 
 def _disabled() -> bool:

@@ -37,7 +37,7 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 class RunReport(L.Callback):
     """Records a run's figures, timing and per-epoch history, and writes them into the run folder.
 
-    The run folder is ``trainer.default_root_dir`` (``runs/<experiment>`` in the configs). Its history and
+    The run folder is ``trainer.default_root_dir`` (``runs/<experiment>/<run id>`` from the CLI). Its history and
     timing travel in the checkpoints (``state_dict``), so a run resumed with ``--ckpt_path``, even from the
     mid-epoch checkpoint an interruption leaves, reports all its epochs and its training time and images
     over every part, not just the last.
@@ -83,6 +83,7 @@ class RunReport(L.Callback):
         self._fit_start = time.perf_counter()
         self.summary = {
             "run": Path(trainer.default_root_dir).name,
+            "experiment": Path(trainer.default_root_dir).parent.name,
             "versions": {"lightning_cnn": __version__, "torch": torch.__version__, "lightning": L.__version__},
             "parameters": sum(p.numel() for p in pl_module.parameters()),
             "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),

@@ -32,3 +32,41 @@ def shared_data_or_skip() -> Path:
     if not (root / "cifar10-jpeg").is_dir() or not (root / "MNIST").is_dir():
         pytest.skip(f"real data not present at {root}")
     return root
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+# What running Python and pytest leave in any checkout; everything else a test writes there is a bug.
+_HARMLESS = ("__pycache__", ".egg-info", ".pytest_cache", ".mypy_cache", ".ruff_cache")
+
+
+def _checkout_files() -> set[str] | None:
+    """Untracked and ignored paths of the checkout (``None`` outside a git checkout, e.g. an sdist)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+            cwd=CHECKOUT, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!") and not any(h in line for h in _HARMLESS)}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _checkout_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No test writes into the checkout: the suite fails if the checkout gained files while it ran."""
+    before = session.config.stash.get(_BEFORE, None)
+    after = _checkout_files()
+    if before is None or after is None:
+        return
+    gained = sorted(after - before)
+    if gained:
+        print(f"\nThe test run wrote into the checkout {CHECKOUT}: {', '.join(gained[:10])}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[set[str] | None]()

@@ -11,9 +11,10 @@ import torch
 from fakedata import make_image_folder, make_mnist_idx
 from PIL import Image
 
-from lightning_cnn.cli import main
+from lightning_cnn.cli import main, run
+from lightning_cnn.experiments import CONFIG_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
 QUICK = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
@@ -46,19 +47,17 @@ def fit(config: str, root: Path, *extra: str) -> None:
 @pytest.fixture(scope="module")
 def phase1_checkpoint(fake_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phase1")
-    fit("split_cifar10_phase1", fake_root, f"--checkpoint.dirpath={out}", f"--trainer.default_root_dir={out}")
-    return out / "best.ckpt"
+    fit("split_cifar10_phase1", fake_root, f"--trainer.default_root_dir={out}")
+    return (out / "latest" / "checkpoints" / "best.ckpt").resolve()
 
 
 @pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
 def test_every_config_fits_and_tests(config: str, fake_root: Path, phase1_checkpoint: Path, workdir: Path) -> None:
-    extra = (
-        [f"--model.network.init_args.checkpoint_path={phase1_checkpoint}"]
-        if "TransferNet" in (CONFIGS / f"{config}.yaml").read_text()
-        else []
-    )
-    fit(config, fake_root, *extra)
-    checkpoints = sorted((workdir / "runs" / config / "checkpoints").glob("*.ckpt"))
+    # phase 2 finds phase 1 through its latest pointer, as after `fit --config split_cifar10_phase1`
+    (workdir / "runs/split_cifar10_phase1").mkdir(parents=True)
+    (workdir / "runs/split_cifar10_phase1/latest").symlink_to(phase1_checkpoint.parents[1])
+    fit(config, fake_root)
+    checkpoints = sorted((workdir / "runs" / config / "latest" / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in checkpoints][-1] == "last.ckpt"
     for path in checkpoints:  # plain values only: loads without unpickling arbitrary objects
         assert torch.load(path, weights_only=True)["hyper_parameters"]["network"]["class_path"]
@@ -69,7 +68,7 @@ def test_phase2_transfer_through_the_cli_keeps_the_phase1_backbone(
 ) -> None:
     fit("split_cifar10_phase2_transfer", fake_root, f"--model.network.init_args.checkpoint_path={phase1_checkpoint}")
     phase1 = torch.load(phase1_checkpoint, weights_only=True)["state_dict"]
-    phase2 = torch.load(workdir / "runs/split_cifar10_phase2_transfer/checkpoints/last.ckpt", weights_only=True)
+    phase2 = torch.load(workdir / "runs/split_cifar10_phase2_transfer/latest/checkpoints/last.ckpt", weights_only=True)
     backbone = [k for k in phase1 if k.startswith("network.backbone.")]
     assert backbone and all(torch.equal(phase1[k], phase2["state_dict"][k]) for k in backbone)
     assert phase2["state_dict"]["network.head.2.weight"].shape == (10, 128)
@@ -81,16 +80,17 @@ def test_phase1_accuracy_after_transfer_and_finetune_is_reported_and_compared(
     checkpoint = f"--model.network.init_args.checkpoint_path={phase1_checkpoint}"
     for config in ("split_cifar10_phase2_transfer", "split_cifar10_phase2_finetune"):
         fit(config, fake_root, checkpoint, "--trainer.limit_train_batches=4", "--trainer.limit_test_batches=null")
-    phase1 = json.loads((phase1_checkpoint.parent / "summary.json").read_text())["test"]["test/acc"]
+    phase1 = json.loads((phase1_checkpoint.parents[1] / "summary.json").read_text())["test"]["test/acc"]
     transfer, finetune = (
-        json.loads((workdir / f"runs/split_cifar10_phase2_{kind}/summary.json").read_text())["test"]
+        json.loads((workdir / f"runs/split_cifar10_phase2_{kind}/latest/summary.json").read_text())["test"]
         for kind in ("transfer", "finetune")
     )
     # A frozen backbone under the phase-1 head gives back the phase-1 test figure exactly.
     assert transfer["test/phase1_acc"] == pytest.approx(phase1)
     assert 0.0 <= finetune["test/phase1_acc"] <= 1.0
     capsys.readouterr()
-    main(["compare", "runs/split_cifar10_phase2_transfer", "runs/split_cifar10_phase2_finetune", "--output=t.md"])
+    main(["compare", "runs/split_cifar10_phase2_transfer/latest", "runs/split_cifar10_phase2_finetune/latest",
+          "--output=t.md", "--plot=t.png"])  # fmt: skip
     table = (workdir / "t.md").read_text()
     assert "phase-1 acc after phase 2" in table and f"{100 * phase1:.2f}%" in table
 
@@ -110,14 +110,24 @@ def test_fit_then_tests_best_checkpoint_and_prints_table(
     fit("mnist", fake_root)
     out = capsys.readouterr().out
     assert "test/acc" in out and "test/f1_weighted" in out and "test/precision_weighted" in out
-    assert (workdir / "runs/mnist/checkpoints/best.ckpt").is_file()
+    assert (workdir / "runs/mnist/latest/checkpoints/best.ckpt").is_file()
 
 
-def test_a_second_run_in_the_same_directory_works(fake_root: Path, workdir: Path) -> None:
-    extra = ["--trainer.logger=true"]
-    fit("mnist", fake_root, *extra)
-    fit("mnist", fake_root, *extra)  # SaveConfigCallback must not refuse an existing config.yaml
-    assert len(list((workdir / "runs/mnist").rglob("config.yaml"))) == 2
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_gets_its_own_folder_and_leaves_the_first_run_as_it_was(fake_root: Path, workdir: Path) -> None:
+    fit("mnist", fake_root, "--trainer.logger=true")
+    (first,) = (workdir / "runs/mnist").glob("2*")
+    before = _files(first)
+    assert {"config.yaml", "summary.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"} <= before.keys()
+    fit("mnist", fake_root, "--trainer.logger=true", "--model.optimizer.init_args.lr=0.01")
+    fit("mnist", fake_root, "--trainer.fast_dev_run=true")  # a smoke run too
+    runs = sorted((workdir / "runs/mnist").glob("2*"))
+    assert len(runs) == 3 and _files(first) == before
+    # latest: the newest finished fit, not the smoke run (which keeps no checkpoint)
+    assert (workdir / "runs/mnist/latest").resolve() == runs[1]
 
 
 def test_predict_writes_csv_for_images_of_any_size_and_mode(
@@ -171,7 +181,7 @@ BAD_INPUT = [
 
 UNWRITABLE = "/proc/version/out"  # a path under a file: not creatable, even by root
 BAD_INPUT += [
-    ("output folder not writable", [f"--trainer.default_root_dir={UNWRITABLE}"], "Cannot write to the output folder"),
+    ("output folder not writable", [f"--trainer.default_root_dir={UNWRITABLE}"], "Cannot create the run folder"),
     ("checkpoint folder not writable", [f"--checkpoint.dirpath={UNWRITABLE}"], "Cannot write to the output folder"),
     ("missing resume checkpoint", ["--ckpt_path=gone.ckpt"], "--ckpt_path gone.ckpt does not exist"),
     ("truncated resume checkpoint", ["--ckpt_path=truncated.ckpt"], "is not a readable PyTorch checkpoint"),
@@ -209,7 +219,7 @@ def test_unknown_config_file(workdir: Path, capsys: pytest.CaptureFixture) -> No
 
 def test_mnist_config_one_epoch_on_real_data(real_data: Path, workdir: Path) -> None:
     # Seed 1: one-epoch accuracy of this recipe varies with the seed (seeds 0-3 gave 97.98, 98.38, 98.38, 98.46%).
-    cli = main(
+    cli = run(
         [
             "fit",
             "--config",
@@ -229,7 +239,7 @@ def test_run_folder_report_and_compare(fake_root: Path, workdir: Path, capsys: p
 
     fit("mnist", fake_root, "--trainer.max_epochs=2")
     fit("split_cifar10_phase1", fake_root)
-    run = workdir / "runs" / "mnist"
+    run = workdir / "runs" / "mnist" / "latest"
     for name in ("summary.json", "history.csv", "learning_curves.png", "confusion_matrix.png", "per_class.csv"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
@@ -238,7 +248,8 @@ def test_run_folder_report_and_compare(fake_root: Path, workdir: Path, capsys: p
     history = list(csv.DictReader((run / "history.csv").open()))
     assert [r["epoch"] for r in history] == ["0.0", "1.0"] and all(r["val/acc"] for r in history)
     capsys.readouterr()
-    main(["compare", "runs/mnist", "runs/split_cifar10_phase1", "--output=cmp/table.md", "--plot=cmp/curves.png"])
+    main(["compare", "runs/mnist/latest", "runs/split_cifar10_phase1/latest", "--output=cmp/table.md",
+          "--plot=cmp/curves.png"])  # fmt: skip
     table = (workdir / "cmp" / "table.md").read_text()
     assert table == capsys.readouterr().out.split("Wrote")[0]
     assert table.splitlines()[0].startswith("| run | test acc | precision (w) |")
@@ -263,8 +274,7 @@ def test_sweep_arguments_are_accepted_by_the_cli(capsys: pytest.CaptureFixture) 
         sweep = yaml.safe_load(sweep_file.read_text())
         command = sweep["command"]
         assert command[1:3] == ["lightning-cnn", "fit"]
-        fixed = [c for c in command[3:] if not c.startswith("${")]
-        fixed[fixed.index("--config") + 1] = str(CONFIGS.parent / fixed[fixed.index("--config") + 1])
+        fixed = [c for c in command[3:] if not c.startswith("${")]  # the shipped config by name
         picks = {k: (v["values"][-1] if "values" in v else v["min"]) for k, v in sweep["parameters"].items()}
         args = [f"--{key}={value}" for key, value in picks.items()]  # W&B's ${args} format
         with pytest.raises(SystemExit) as exit_info:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from fakedata import make_image_folder
 
-from lightning_cnn.cli import main
+from lightning_cnn.cli import run
+from lightning_cnn.experiments import CONFIG_DIR
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cifar10_base.yaml")
+CONFIG = str(CONFIG_DIR / "cifar10_base.yaml")
 
 
 @pytest.mark.ddp
@@ -25,7 +26,7 @@ def test_ddp_two_processes_train_and_match_single_process_test_figures(tmp_path:
     ddp = subprocess.run(
         [sys.executable, "-m", "lightning_cnn", "fit", "--config", CONFIG, *common, "--trainer.devices=2",
          "--trainer.strategy=ddp", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-         "--trainer.check_val_every_n_epoch=1", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+         "--trainer.check_val_every_n_epoch=1", f"--trainer.default_root_dir={tmp_path / 'runs'}",
          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'logs'}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -35,8 +36,9 @@ def test_ddp_two_processes_train_and_match_single_process_test_figures(tmp_path:
     ddp_test = {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
     assert len(list((tmp_path / "logs").rglob("metrics.csv"))) == 1  # one logger run, not one per process
 
-    single = main(["test", "--config", CONFIG, *common, "--trainer.devices=1", "--trainer.logger=false",
-                   f"--ckpt_path={tmp_path / 'ckpt' / 'best.ckpt'}"])  # fmt: skip
+    runs = tmp_path / "runs"
+    single = run(["test", "--config", CONFIG, *common, "--trainer.devices=1", "--trainer.logger=false",
+                  f"--trainer.default_root_dir={runs}", f"--ckpt_path={runs / 'latest'}"])  # fmt: skip
     figures = {k: float(v) for k, v in single.trainer.callback_metrics.items() if k.startswith("test/")}
     assert figures.keys() == ddp_test.keys() and "test/acc" in figures
     for key, value in figures.items():

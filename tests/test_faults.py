@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -17,11 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_cnn.callbacks import InterruptCheckpoint, StopOnNonFiniteLoss, TrainingDiverged
-from lightning_cnn.cli import main
+from lightning_cnn.cli import run
+from lightning_cnn.experiments import CONFIG_DIR
 from lightning_cnn.models import MNISTCNN, ImageClassifier
 from lightning_cnn.reporting import RunReport
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +31,19 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "cifar10", per_class_train=8, per_class_test=2)
 
 
-def _fit(root: Path, out: Path, epochs: int, *extra: str) -> object:
-    return main([
+def _fit(root: Path, out: Path, epochs: int, *extra: str) -> Any:
+    """A short fit whose runs go to ``out/<run id>`` (``out/latest`` once it finished)."""
+    return run([
         "fit", "--config", str(CONFIGS / "cifar10_dropout.yaml"), f"--data.data_dir={root}", "--data.batch_size=16",
         f"--trainer.max_epochs={epochs}", "--trainer.limit_train_batches=3", "--trainer.check_val_every_n_epoch=1",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--checkpoint.dirpath={out}", "--test_after_fit=false", *extra,
+        f"--trainer.default_root_dir={out}", "--test_after_fit=false", *extra,
     ])  # fmt: skip
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():  # an experiment folder of _fit: its latest run's last checkpoint
+        path = path / "latest" / "checkpoints" / "last.ckpt"
     return torch.load(path, weights_only=True)["state_dict"]
 
 
@@ -46,7 +51,7 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(cifar_root: Path, tmp_
     straight = _fit(cifar_root, tmp_path / "a", 3)
     _fit(cifar_root, tmp_path / "b", 2)
     resumed = _fit(cifar_root, tmp_path / "b", 3, "--ckpt_path=last")
-    a, b = _weights(tmp_path / "a" / "last.ckpt"), _weights(tmp_path / "b" / "last.ckpt")
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for key in ("val/acc", "val/loss", "train/loss_epoch"):
         assert torch.equal(straight.trainer.callback_metrics[key], resumed.trainer.callback_metrics[key]), key
@@ -54,7 +59,7 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(cifar_root: Path, tmp_
 
 def test_same_seed_same_weights_and_metrics(cifar_root: Path, tmp_path: Path) -> None:
     one, two = _fit(cifar_root, tmp_path / "a", 2), _fit(cifar_root, tmp_path / "b", 2)
-    a, b = _weights(tmp_path / "a" / "last.ckpt"), _weights(tmp_path / "b" / "last.ckpt")
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert one.trainer.callback_metrics.keys() == two.trainer.callback_metrics.keys()
     assert all(torch.equal(v, two.trainer.callback_metrics[k]) for k, v in one.trainer.callback_metrics.items())

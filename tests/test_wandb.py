@@ -8,9 +8,10 @@ import pytest
 from fakedata import make_image_folder
 
 from lightning_cnn.cli import main
+from lightning_cnn.experiments import CONFIG_DIR
 from lightning_cnn.wandb_files import read_run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -34,7 +35,7 @@ def _fit(root: Path) -> None:
 
 def test_offline_run_records_config_history_and_test_pictures(offline: Path, tmp_path: Path) -> None:
     _fit(offline)
-    runs = sorted((tmp_path / "runs/split_cifar10_phase1/wandb").glob("offline-run-*"))
+    runs = sorted((tmp_path / "runs/split_cifar10_phase1/latest/wandb").glob("offline-run-*"))
     assert len(runs) == 1
     record = read_run(runs[0])
     config = record["config"]
@@ -54,13 +55,15 @@ def test_offline_run_records_config_history_and_test_pictures(offline: Path, tmp
     assert chart["_type"] == "table-file" and chart["ncols"] == 3  # the W&B confusion-matrix chart's data
     val_epochs = [row["epoch"] for row in history if "val/acc" in row]
     assert val_epochs == [0, 1]  # per epoch
-    assert (tmp_path / "runs/split_cifar10_phase1/config.yaml").is_file()
+    assert (tmp_path / "runs/split_cifar10_phase1/latest/config.yaml").is_file()
+    # the W&B run id is the run folder's name, so resuming the run continues this W&B run
+    assert runs[0].name.endswith((tmp_path / "runs/split_cifar10_phase1/latest").resolve().name)
 
 
 def test_two_runs_in_a_row_and_no_api_key_in_any_file(offline: Path, tmp_path: Path) -> None:
     _fit(offline)
     _fit(offline)
-    assert len(list((tmp_path / "runs/split_cifar10_phase1/wandb").glob("offline-run-*"))) == 2
+    assert len(list((tmp_path / "runs/split_cifar10_phase1").glob("2*/wandb/offline-run-*"))) == 2
     written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert written
     assert not [p for p in written if FAKE_KEY.encode() in p.read_bytes()]
@@ -68,9 +71,9 @@ def test_two_runs_in_a_row_and_no_api_key_in_any_file(offline: Path, tmp_path: P
 
 def test_compare_reads_offline_wandb_runs(offline: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _fit(offline)
-    run = next((tmp_path / "runs/split_cifar10_phase1/wandb").glob("offline-run-*"))
+    run = next((tmp_path / "runs/split_cifar10_phase1/latest/wandb").glob("offline-run-*"))
     capsys.readouterr()
-    main(["compare", str(run), "runs/split_cifar10_phase1", "--output=t.md", "--plot=t.png"])
+    main(["compare", str(run), "runs/split_cifar10_phase1/latest", "--output=t.md", "--plot=t.png"])
     lines = (tmp_path / "t.md").read_text().splitlines()
     assert len(lines) == 4
     # the W&B run and the run folder describe the same run: same figures after the name

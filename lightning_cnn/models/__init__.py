@@ -2,6 +2,7 @@
 
 from lightning_cnn.models.classifier import ImageClassifier
 from lightning_cnn.models.networks import CIFARCNN, MNISTCNN, BackboneHead, CIFARCNNDropout
+from lightning_cnn.models.schedulers import CosineAnnealingLR
 from lightning_cnn.models.transfer import CheckpointError, TransferNet
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "BackboneHead",
     "CIFARCNNDropout",
     "CheckpointError",
+    "CosineAnnealingLR",
     "ImageClassifier",
     "TransferNet",
 ]

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_cnn.errors import ConfigError
 from lightning_cnn.models.metrics import classification_metrics, confusion_matrix, scalar_figures
+from lightning_cnn.models.schedulers import CosineAnnealingLR
 
 EVAL_STAGES = ("val", "test")
 
@@ -64,7 +65,8 @@ class ImageClassifier(L.LightningModule):
         optimizer: builds the optimizer from the trainable parameters (LightningCLI: ``class_path`` and
             ``init_args``).
         scheduler: builds an LR scheduler from the optimizer; one that takes ``total_steps`` (one-cycle) is
-            given the run's step count and stepped every batch, others every epoch.
+            given the run's step count and stepped every batch, others every epoch;
+            :class:`~lightning_cnn.models.CosineAnnealingLR` without ``T_max`` anneals over ``max_epochs``.
         label_smoothing: cross-entropy label smoothing of the training loss (evaluation loss is plain).
         num_classes: class count; ``None`` reads it off the network's last linear layer.
         channels_last: run convolutions in channels-last memory format.
@@ -211,4 +213,9 @@ class ImageClassifier(L.LightningModule):
         if _takes_total_steps(self.scheduler):
             scheduler = self.scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)  # type: ignore[call-arg]
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
+        scheduler = self.scheduler(optimizer)
+        if isinstance(scheduler, CosineAnnealingLR) and scheduler.follows_run:
+            if not self.trainer.max_epochs or self.trainer.max_epochs < 1:
+                raise ConfigError("CosineAnnealingLR without T_max anneals over trainer.max_epochs: set it (>= 1).")
+            scheduler.T_max = self.trainer.max_epochs
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,110 @@
+"""The shipped experiment configs (``lightning_cnn/configs/``), addressable by name from anywhere.
+
+``lightning-cnn fit --config mnist`` reads the packaged ``mnist.yaml``; a path to a file still works as ever,
+and so does ``configs/mnist.yaml`` from a clone (``configs`` there is a link to the packaged folder).
+
+A variant config names the config it builds on with ``extends: NAME`` and holds only what differs; the command
+line then gets ``--config NAME --config variant``, base first. (jsonargparse's own nested ``config:`` key is
+not used: a later ``--trainer.logger false`` then fails to validate the variant's partial logger settings.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lightning_cnn.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_FLAGS = ("--config", "-c")
+
+
+def shipped_config(name: str) -> Path | None:
+    """The packaged config a name stands for (``mnist``, ``mnist.yaml``, ``configs/mnist.yaml``, ``overrides/ddp``).
+
+    Example:
+        >>> shipped_config("mnist").name
+        'mnist.yaml'
+        >>> shipped_config("no_such_experiment") is None
+        True
+    """
+    relative = name.removeprefix("configs/")
+    for candidate in (relative, f"{relative}.yaml"):
+        path = CONFIG_DIR / candidate
+        if path.is_file() and path.resolve().is_relative_to(CONFIG_DIR):
+            return path
+    return None
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value as the parser should get it: an existing file as given, else the shipped config.
+
+    Raises:
+        ConfigError: it is neither a file nor a shipped experiment.
+    """
+    if Path(value).is_file() or value.lstrip().startswith(("{", "[")) or "\n" in value:  # a file, or inline YAML
+        return value
+    shipped = shipped_config(value)
+    if shipped is None:
+        raise ConfigError(
+            f"--config {value}: no such file, and no shipped experiment of that name. "
+            "`lightning-cnn experiments` lists the shipped ones."
+        )
+    return str(shipped)
+
+
+def with_bases(path: str, seen: tuple[str, ...] = ()) -> list[str]:
+    """The config files to read for ``path``: the configs it ``extends`` (recursively, base first), then itself.
+
+    Raises:
+        ConfigError: ``extends`` names no config, or the chain comes back to a file already in it.
+    """
+    if path in seen:
+        raise ConfigError(f"{path} extends itself through {' -> '.join(seen)}.")
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return [path]  # not readable here: the parser reports it in its own words
+    base = content.get("extends") if isinstance(content, dict) else None
+    if not base:
+        return [path]
+    sibling = Path(path).parent / f"{base}.yaml"
+    base_path = str(sibling) if sibling.is_file() else resolve_config(str(base))
+    return [*with_bases(base_path, (*seen, path)), path]
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config``/``-c`` value resolved by :func:`resolve_config`, bases put before it."""
+    resolved: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in CONFIG_FLAGS or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(args, None)
+            if value is None:
+                resolved.append(arg)
+                continue
+            value = resolve_config(value)
+            files = with_bases(value) if Path(value).is_file() else [value]
+            resolved += [item for file in files for item in ("--config", file)]
+        else:
+            resolved.append(arg)
+    return resolved
+
+
+def experiments() -> dict[str, str]:
+    """Each shipped config by name, with the first line of its header comment."""
+    found = {}
+    for path in sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name != "sweeps"):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        found[path.relative_to(CONFIG_DIR).with_suffix("").as_posix()] = first.lstrip("# ").strip()
+    return found
+
+
+def print_experiments() -> None:
+    """``lightning-cnn experiments``: the shipped configs, one line each."""
+    table = experiments()
+    width = max(map(len, table))
+    for name, description in table.items():
+        print(f"{name:<{width}}  {description}")
+    print("\nRun one with: lightning-cnn fit --config NAME (compose: --config NAME --config overrides/cpu_ddp)")

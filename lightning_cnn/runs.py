@@ -1,0 +1,176 @@
+"""Run folders: every run of an experiment gets a folder of its own, and ``latest`` names the newest finished fit.
+
+Layout, under an experiment folder (``runs/<experiment>`` unless ``--trainer.default_root_dir`` says otherwise)::
+
+    runs/mnist/20261129-101512-3fa9c1/     one run: checkpoints/, config.yaml, summary.json, pictures, wandb/
+    runs/mnist/20261129-113040-b71e02/     a rerun, a sweep trial, a smoke run: always a new folder
+    runs/mnist/latest -> 20261129-101512-3fa9c1   switched atomically when a fit finishes
+
+A run id sorts by start time and ends in random digits, so runs started in the same second (sweep agents, two
+terminals) still get different folders; the folder is created exclusively, never reused. The run id is also
+the run's W&B id, so a resumed run continues its W&B run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning_cnn.checkpoints import read_checkpoint
+from lightning_cnn.errors import CheckpointError, ConfigError
+
+LATEST = "latest"
+CHECKPOINTS = "checkpoints"
+# Set by rank 0 for the processes Lightning starts for DDP, so they write into rank 0's run folder.
+RUN_ID_ENV = "LIGHTNING_CNN_RUN_ID"
+
+
+def process_rank() -> int:
+    """This process's global rank as the launcher set it in the environment (0 when not distributed).
+
+    Read before the process group exists, so that only rank 0 creates folders.
+    """
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
+
+
+def new_run_id() -> str:
+    """A run id: start time to the second, then 6 random hex digits (``20261129-101512-3fa9c1``)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def create_run_folder(experiment_dir: Path, run_id: str | None = None) -> Path:
+    """Create a new, empty run folder under ``experiment_dir`` (exclusively: never an existing one).
+
+    Raises:
+        ConfigError: ``run_id`` names a folder that exists already, or the folder cannot be created.
+    """
+    for _ in range(20):
+        folder = experiment_dir / (run_id or new_run_id())
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+            return folder
+        except FileExistsError:
+            if run_id:
+                raise ConfigError(
+                    f"The run folder {folder} exists already. Resume it with --ckpt_path {folder}, or unset "
+                    "WANDB_RUN_ID to start a new run."
+                ) from None
+        except OSError as err:
+            raise ConfigError(
+                f"Cannot create the run folder {folder} ({err.strerror or err}). Choose a writable place with "
+                "--trainer.default_root_dir."
+            ) from err
+    raise ConfigError(f"Could not find a free run id under {experiment_dir}.")  # 20 collisions of 2^24 ids
+
+
+def run_folders(experiment_dir: Path) -> list[Path]:
+    """The experiment's run folders, oldest first (run ids sort by start time)."""
+    if not experiment_dir.is_dir():
+        return []
+    return sorted(p for p in experiment_dir.iterdir() if p.is_dir() and not p.is_symlink() and p.name != LATEST)
+
+
+def run_folder_of(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint file lies in (``<run>/checkpoints/x.ckpt``), or ``None``."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CHECKPOINTS).is_dir()
+
+
+def newest_resumable(*runs: Path) -> Path | None:
+    """The newest ``last*.ckpt`` of the runs that loads; a damaged one is passed over with a line saying so."""
+    candidates = [p for run in runs for p in (run / CHECKPOINTS).glob("last*.ckpt")]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            read_checkpoint(path, "Checkpoint", missing_hint="", unreadable_hint="")
+        except CheckpointError as err:
+            print(f"lightning-cnn: skipping {path}: {err}")
+            continue
+        return path
+    return None
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The checkpoint a finished run is evaluated with: ``best.ckpt``, else its newest loadable ``last*.ckpt``.
+
+    Raises:
+        CheckpointError: the run has neither.
+    """
+    best = run / CHECKPOINTS / "best.ckpt"
+    found = best if best.is_file() else newest_resumable(run)
+    if found is None:
+        raise CheckpointError(f"The run {run} has no checkpoint (no {CHECKPOINTS}/best.ckpt or last.ckpt).")
+    return found
+
+
+def point_latest(run: Path) -> None:
+    """Make ``<experiment>/latest`` name ``run``, atomically: readers see the old run or the new one, never none."""
+    link = run.parent / LATEST
+    tmp = run.parent / f".{LATEST}-{secrets.token_hex(4)}"
+    os.symlink(run.name, tmp)
+    os.replace(tmp, link)
+
+
+@dataclass
+class RunPlan:
+    """Where a command runs and what it loads.
+
+    Attributes:
+        folder: the run folder.
+        ckpt_path: the checkpoint to load (resolved from a run folder or ``last``), or ``None``.
+        resumed: ``folder`` is an earlier run that this fit continues.
+        created: this process created ``folder``.
+    """
+
+    folder: Path
+    ckpt_path: str | None
+    resumed: bool = False
+    created: bool = False
+
+
+def plan_run(subcommand: str, experiment_dir: Path, ckpt_path: str | None, rank: int) -> RunPlan:
+    """Decide the run folder of ``subcommand`` and resolve ``ckpt_path`` (``last``, a run folder, a file).
+
+    ``fit`` resumes in the folder of the run it continues (``--ckpt_path last``: the experiment's newest run with
+    a loadable ``last*.ckpt``; a run folder; a checkpoint inside a run folder) and starts a new folder otherwise.
+    ``validate``, ``test`` and ``predict`` always get a new folder; given a run folder (or ``latest``) they load
+    its best checkpoint. Only rank 0 creates a folder; other ranks learn it from ``RUN_ID_ENV`` or, under
+    launchers that start every rank themselves, from rank 0 at set-up (see ``ShareRunFolder``).
+    """
+    folder: Path | None = None
+    if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).is_dir():
+        run = Path(ckpt_path).resolve()
+        if subcommand == "fit":
+            last = newest_resumable(run)
+            if last is None:
+                raise CheckpointError(f"--ckpt_path {ckpt_path}: the run has no loadable last*.ckpt to resume from.")
+            folder, ckpt_path = run, str(last)
+        else:
+            ckpt_path = str(best_checkpoint(run))
+    elif subcommand == "fit" and ckpt_path == "last":
+        # As Lightning's own "last": the newest by time of the experiment's loadable last*.ckpt files.
+        last = newest_resumable(*run_folders(experiment_dir))
+        if last is not None:
+            folder, ckpt_path = run_folder_of(last), str(last)
+        else:
+            print(f"lightning-cnn: no run under {experiment_dir} has a checkpoint to resume; starting a new run.")
+            ckpt_path = None
+    elif subcommand == "fit" and ckpt_path is not None and Path(ckpt_path).is_file():
+        folder = run_folder_of(Path(ckpt_path).resolve())
+    if folder is not None:
+        if rank == 0:
+            print(f"lightning-cnn: resuming run {folder} from {ckpt_path}")
+        return RunPlan(folder, ckpt_path, resumed=True)
+    shared = os.environ.get(RUN_ID_ENV)
+    if shared:
+        return RunPlan(experiment_dir / shared, ckpt_path)
+    if rank != 0:  # a placeholder, replaced by rank 0's folder at set-up; nothing is created here
+        return RunPlan(experiment_dir / f".rank-{rank}-pending", ckpt_path)
+    return RunPlan(create_run_folder(experiment_dir, os.environ.get("WANDB_RUN_ID")), ckpt_path, created=True)
