@@ -268,6 +268,7 @@ _PARSER_NOISE = (
     "Subtypes:",
     "Errors:",
     "Given value type",
+    "Given value: NestedArg",
     "Does not validate against any",
     "Expected a <class 'NoneType'>",
 )

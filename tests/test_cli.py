@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,26 @@ def test_ddp_overrides_compose_with_every_experiment(override: str, capsys: pyte
     assert exit_info.value.code == 0
     trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
     assert trainer["strategy"] == "ddp" and trainer["max_epochs"] == 30  # the experiment's own settings stay
+
+
+def test_shipped_experiments_are_listed_and_named_without_a_path(capsys: pytest.CaptureFixture) -> None:
+    from lightning_cnn.experiments import resolve_config_args
+
+    assert main(["experiments"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[:-2] if line.strip())
+    assert {"mnist", "cifar10_fast", "split_cifar10_phase2_transfer", "overrides/cpu_ddp"} <= listed.keys()
+    assert all(listed.values())  # each with its description
+    # a variant comes after the configs it extends, each resolved to its shipped file
+    args = resolve_config_args(["fit", "--config", "cifar10_dropout_he_batch64", "--config=overrides/cpu_ddp"])
+    files = [Path(a).stem for a in args[2::2]]
+    assert files == ["cifar10_base", "cifar10_dropout", "cifar10_dropout_he_batch64", "cpu_ddp"]
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("lightning-cnn 0.")
+
+
+def test_a_cosine_schedule_anneals_over_the_runs_epochs(fake_root: Path, workdir: Path) -> None:
+    cli = run(["fit", "--config", "cifar10_base_he_cosine", f"--data.data_dir={fake_root}", *QUICK,
+               "--trainer.max_epochs=3", "--test_after_fit=false"])  # fmt: skip
+    assert cli is not None
+    (scheduler,) = cli.trainer.lr_scheduler_configs
+    assert scheduler.scheduler.T_max == 3  # type: ignore[attr-defined]
+    assert scheduler.scheduler.get_last_lr()[0] == pytest.approx(0.01 * (1 + math.cos(math.pi * 3 / 3)) / 2)

@@ -1,0 +1,153 @@
+"""The installed ``lightning-cnn`` as a shell, a scheduler or a sweep agent runs it: in a subprocess, from a
+temporary working directory, judged by its exit status and the files it leaves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fakedata import make_image_folder, make_mnist_idx
+
+from lightning_cnn.experiments import CONFIG_DIR
+
+EXE = shutil.which("lightning-cnn")
+pytestmark = pytest.mark.skipif(EXE is None, reason="the lightning-cnn executable is not installed")
+QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_mnist_idx(root, n_train=64, n_test=32)
+    make_image_folder(root / "cifar10", per_class_train=6, per_class_test=2, suffix=".png")
+    return root
+
+
+@pytest.fixture
+def cwd(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_CNN_RUN_ID"}
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def cli(cwd: Path, *args: str, timeout: int = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    assert EXE is not None
+    return subprocess.run([EXE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(**env))
+
+
+def _runs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def test_a_successful_fit_exits_0_and_leaves_its_run_folder(data: Path, cwd: Path) -> None:
+    done = cli(cwd, "fit", "--config", "mnist", f"--data.data_dir={data}", *QUICK)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = _runs(cwd / "runs" / "mnist")
+    assert (cwd / "runs/mnist/latest").resolve() == run
+    for name in ("config.yaml", "summary.json", "history.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    assert wandb_run.name.endswith(run.name)  # the W&B run id is the run id
+    # test and predict take the experiment's latest run; each gets a run folder of its own
+    tested = cli(cwd, "test", "--config", "mnist", f"--data.data_dir={data}", "--ckpt_path=runs/mnist/latest",
+                 "--trainer.limit_test_batches=1", "--trainer.logger=false")  # fmt: skip
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert "test/acc" in tested.stdout and len(_runs(cwd / "runs" / "mnist")) == 2
+    assert (cwd / "runs/mnist/latest").resolve() == run  # a test run is not a finished fit
+
+
+def test_bad_input_exits_2_with_one_line(data: Path, cwd: Path) -> None:
+    # one mistake from the outside; the in-process table in test_cli has every kind
+    message = "Option 'bach_size' is not accepted. See lightning-cnn fit --help"
+    done = cli(cwd, "fit", "--config", "mnist", f"--data.data_dir={data}", "--data.bach_size=3")
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("lightning-cnn: error:") and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and "usage:" not in done.stderr
+    assert not any((cwd / "runs").rglob("*.ckpt"))
+
+
+def test_sigterm_exits_143_and_the_run_resumes_in_its_own_folder(data: Path, cwd: Path) -> None:
+    args = ["fit", "--config", "mnist", f"--data.data_dir={data}", "--data.batch_size=8", "--trainer.max_epochs=500",
+            "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--trainer.logger=false"]  # fmt: skip
+    assert EXE is not None
+    process = subprocess.Popen([EXE, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while not list(cwd.glob("runs/mnist/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # until an epoch is done: the run has trained
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err.decode()[-2000:]
+    (run,) = _runs(cwd / "runs" / "mnist")
+    interrupted = torch.load(run / "checkpoints/last-interrupted.ckpt", weights_only=True)
+    assert not (cwd / "runs/mnist/latest").exists()  # not a finished run
+    more = ["--trainer.max_epochs", str(interrupted["epoch"] + 2), "--ckpt_path=last"]
+    resumed = cli(cwd, *args, *more)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _runs(cwd / "runs" / "mnist") == [run] and (cwd / "runs/mnist/latest").resolve() == run
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"] == interrupted["epoch"] + 1
+
+
+def test_two_runs_of_one_config_started_together_get_two_folders(data: Path, cwd: Path) -> None:
+    assert EXE is not None
+    command = [EXE, "fit", "--config", "mnist", f"--data.data_dir={data}", *QUICK]
+    processes = [subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    runs = _runs(cwd / "runs" / "mnist")
+    assert len(runs) == 2 and all((r / "checkpoints/best.ckpt").is_file() for r in runs)
+
+
+def test_phase2_takes_phase1_through_the_latest_pointer(data: Path, cwd: Path) -> None:
+    common = [f"--data.data_dir={data / 'cifar10'}", *QUICK, "--trainer.logger=false"]
+    assert cli(cwd, "fit", "--config", "split_cifar10_phase1", *common).returncode == 0
+    done = cli(cwd, "fit", "--config", "split_cifar10_phase2_transfer", *common)
+    assert done.returncode == 0, done.stderr[-2000:]
+    phase1 = torch.load(cwd / "runs/split_cifar10_phase1/latest/checkpoints/best.ckpt", weights_only=True)
+    phase2 = torch.load(cwd / "runs/split_cifar10_phase2_transfer/latest/checkpoints/last.ckpt", weights_only=True)
+    backbone = [k for k in phase1["state_dict"] if k.startswith("network.backbone.")]
+    assert backbone and all(torch.equal(phase1["state_dict"][k], phase2["state_dict"][k]) for k in backbone)
+
+
+def test_a_sweep_trial_runs_as_the_wandb_agent_starts_it(data: Path, cwd: Path) -> None:
+    sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "cifar10_dropout.yaml").read_text())
+    picks = {k: (v["values"][0] if "values" in v else v["min"]) for k, v in sweep["parameters"].items()}
+    args = [f"--{key}={value}" for key, value in picks.items()]  # W&B's ${args}: --key=value
+    command = [a for part in sweep["command"] for a in (args if part == "${args}" else [part]) if part != "${env}"]
+    assert command[:2] == ["lightning-cnn", "fit"]
+    extra = [f"--data.data_dir={data / 'cifar10'}", *QUICK]
+    assert EXE is not None
+    trials = [  # two agents at once, each given its trial's run id by W&B
+        subprocess.Popen([EXE, *command[1:], *extra], cwd=cwd, env=_env(WANDB_RUN_ID=run_id), stdout=subprocess.DEVNULL)
+        for run_id in ("trial0001", "trial0002")
+    ]
+    assert [t.wait(timeout=120) for t in trials] == [0, 0]
+    runs = _runs(cwd / "runs" / "cifar10_dropout")
+    assert [r.name for r in runs] == ["trial0001", "trial0002"]  # each trial its own folder and W&B run
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["model"]["optimizer"]["init_args"]["lr"] == picks["model.optimizer.init_args.lr"]
+        assert next((run / "wandb").glob("offline-run-*")).name.endswith(run.name)
+
+
+def test_help_names_every_command_and_the_exit_codes(cwd: Path) -> None:
+    done = cli(cwd, "--help")
+    assert done.returncode == 0
+    for word in ("fit", "test", "predict", "compare", "experiments", "143"):
+        assert word in done.stdout, word
