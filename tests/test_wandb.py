@@ -143,3 +143,18 @@ def test_compare_explains_a_wandb_run_it_cannot_reach(
     err = capsys.readouterr().err
     assert "me/lightning-cnn/abc123 is no folder here" in err and "Could not connect" in err
     assert not (tmp_path / "comparison.md").exists()
+
+
+def test_a_resumed_run_continues_its_wandb_run_in_its_own_folder(offline: Path, tmp_path: Path) -> None:
+    import wandb
+
+    args = ["fit", "--config", "split_cifar10_phase1", f"--data.data_dir={offline}", "--trainer.limit_train_batches=2",
+            "--trainer.enable_progress_bar=false", "--data.batch_size=10", "--test_after_fit=false"]  # fmt: skip
+    main([*args, "--trainer.max_epochs=1"])
+    wandb.finish()
+    main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    wandb.finish()
+    (run,) = [p for p in (tmp_path / "runs/split_cifar10_phase1").iterdir() if not p.is_symlink()]
+    parts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith(f"-{run.name}") for p in parts)  # one W&B run id, two parts
+    assert read_run(parts[1])["config"]["ckpt_path"].endswith("last.ckpt")
