@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import faulthandler
 import os
 import random
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn.errors import UserError
 
@@ -117,8 +119,12 @@ class StopOnNonFiniteLoss(Callback):
     """
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        # Checked before backward, so the bad step never reaches the weights.
-        if not bool(torch.isfinite(loss.detach()).all()):
+        # Checked before backward, so the bad step never reaches the weights. Under DDP every rank decides
+        # together: a rank that stopped alone would leave the others waiting in the gradient all-reduce.
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             directory = getattr(trainer.checkpoint_callback, "dirpath", None)
             batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
             raise TrainingDiverged(
@@ -132,14 +138,76 @@ class StopOnNonFiniteLoss(Callback):
 class InterruptCheckpoint(Callback):
     """On SIGTERM (pre-emption) or an error inside training, saves ``last-interrupted.ckpt`` beside the others.
 
-    Its name contains "last", so ``fit --ckpt_path last`` resumes from it when it is the newest. A diverged
-    run saves nothing (its weights are not worth resuming from).
+    Its name contains "last", so ``fit --ckpt_path last`` resumes from it when it is the newest. Nothing is
+    saved by a diverged run (its weights are not worth resuming from), by a run that failed before its first
+    step (it would make the next resume start from scratch), or, under DDP, for an error other than SIGTERM:
+    saving waits for every rank, and an error on one rank leaves the others elsewhere.
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         directory = getattr(trainer.checkpoint_callback, "dirpath", None)
         if isinstance(exception, TrainingDiverged) or directory is None or not trainer.training:
             return
+        if trainer.global_step == 0:
+            return
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            return
         path = Path(directory) / "last-interrupted.ckpt"
         trainer.save_checkpoint(path)
         print(f"Interrupted ({type(exception).__name__}); saved {path}. Resume with: fit ... --ckpt_path last")
+
+
+class HangWatchdog(Callback):
+    """Ends a distributed run that stopped making progress, with the stack of every thread of every rank.
+
+    A DDP rank waiting in a collective that another rank never reaches waits forever, and a cluster job burns
+    its allocation. Each rank arms a timer when it starts and re-arms it at every batch; if ``timeout``
+    seconds pass without one, it prints the stacks of all its threads and exits with status 1. The ranks stuck
+    with it do the same, so every rank's stack is shown. Python's ``faulthandler`` does the waiting and the
+    dump from a C thread, so it works while the interpreter is blocked in a collective. Single-process runs
+    are left alone.
+
+    Args:
+        timeout: seconds without progress before the run ends; 0 turns the watchdog off.
+    """
+
+    def __init__(self, timeout: float = 300.0) -> None:
+        if timeout < 0:
+            raise UserError(f"hang_watchdog.timeout must be 0 (off) or a number of seconds, got {timeout}")
+        self.timeout = timeout
+        self._armed = False
+
+    def arm(self, trainer: L.Trainer) -> None:
+        """(Re-)start the timer of a distributed run."""
+        if self.timeout and trainer.world_size > 1:
+            faulthandler.dump_traceback_later(self.timeout, exit=True)
+            self._armed = True
+
+    def disarm(self) -> None:
+        if self._armed:
+            faulthandler.cancel_dump_traceback_later()
+            self._armed = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.arm(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.disarm()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.disarm()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.arm(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.arm(trainer)
+
+    def on_test_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.arm(trainer)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.arm(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.arm(trainer)  # checkpointing and validation follow

@@ -1,13 +1,19 @@
-"""Reading a checkpoint the user named, with one clear error for each way it can be wrong."""
+"""Checkpoints: reading one the user named (one clear error for each way it can be wrong), and writing them
+atomically where they land."""
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_cnn.errors import CheckpointError
+from lightning_cnn.errors import CheckpointError, UserError
 
 
 def read_checkpoint(path: str | Path, role: str, missing_hint: str, unreadable_hint: str) -> dict[str, Any]:
@@ -35,3 +41,63 @@ def read_checkpoint(path: str | Path, role: str, missing_hint: str, unreadable_h
     if not isinstance(state, dict):
         raise CheckpointError(f"{role} {path} holds no state dict. {unreadable_hint}")
     return state
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (full disk, lost mount); the previous file of that name is intact."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` writing each checkpoint beside its final name, then renaming it.
+
+    Lightning's own atomic save writes through an fsspec transaction: the temporary file goes to the system's
+    temp folder and is then copied into the run folder, so with the run folder on another filesystem a full
+    disk leaves a truncated file under the real name; and a save started by a signal handler (SLURM's SIGUSR1
+    requeue) while another save is in its transaction crashes on the shared transaction. Here each save has a
+    temporary file of its own in the destination folder, flushed and fsync'ed before ``os.replace`` swaps it
+    in, so a reader sees the old checkpoint or the new one, never a part.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote storage: fsspec's way
+        write_atomically(Path(str(path).removeprefix("file://")), lambda f: torch.save(checkpoint, f))
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file in its folder, fsync it, rename it in place.
+
+    Raises:
+        CheckpointWriteError: the write failed (the previous ``path``, if any, is left as it was).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise CheckpointWriteError(
+            f"Could not write {path}: {why}. The previous {path.name} (if any) is kept. Free space in "
+            f"{path.parent} (or choose another place with --trainer.default_root_dir), then resume with "
+            "--ckpt_path last."
+        ) from err
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX: the folder's entry is data of the folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders; the rename is still atomic
+    finally:
+        os.close(fd)

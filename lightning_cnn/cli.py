@@ -11,6 +11,7 @@ from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn import __version__
 from lightning_cnn.callbacks import (
+    HangWatchdog,
     InterruptCheckpoint,
     PredictionCSVWriter,
     RNGState,
@@ -25,7 +27,7 @@ from lightning_cnn.callbacks import (
     StopOnNonFiniteLoss,
     TrainingDiverged,
 )
-from lightning_cnn.checkpoints import read_checkpoint
+from lightning_cnn.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import CheckpointError, ConfigError, UserError
 from lightning_cnn.experiments import resolve_config_args
@@ -84,6 +86,7 @@ class CNNCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
+        parser.add_lightning_class_args(HangWatchdog, "hang_watchdog")
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="After fit, test the best checkpoint (fit only)."
         )
@@ -102,12 +105,34 @@ class CNNCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Refuse, before any work, an output folder that cannot be written."""
+        self._watch_start()
         if not self.trainer.is_global_zero:
             return
         folders: list[str | None] = [self.trainer.default_root_dir]
         folders += [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks]
         for folder in filter(None, folders):
             check_writable(Path(folder))
+
+    def before_validate(self) -> None:
+        self._watch_start()
+
+    def before_test(self) -> None:
+        self._watch_start()
+
+    def before_predict(self) -> None:
+        self._watch_start()
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, writing checkpoints atomically in place unless the config names its own plugins."""
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
+
+    def _watch_start(self) -> None:
+        """Arm the hang watchdog before the process group is set up: a rank that never joins hangs there."""
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, HangWatchdog):
+                callback.arm(self.trainer)
 
     def after_fit(self) -> None:
         if getattr(self.trainer, "fast_dev_run", False):  # a smoke run keeps no checkpoint: not a finished run

@@ -13,6 +13,7 @@ the run's W&B id, so a resumed run continues its W&B run.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
@@ -43,19 +44,27 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def create_run_folder(experiment_dir: Path, run_id: str | None = None) -> Path:
+def create_run_folder(experiment_dir: Path, run_id: str | None = None, exact: bool = False) -> Path:
     """Create a new, empty run folder under ``experiment_dir`` (exclusively: never an existing one).
 
+    Args:
+        experiment_dir: where the experiment's runs go.
+        run_id: the name wanted; ``None``: a new run id.
+        exact: ``run_id`` or nothing (a W&B sweep trial's id); otherwise a taken name gets a random suffix.
+
     Raises:
-        ConfigError: ``run_id`` names a folder that exists already, or the folder cannot be created.
+        ConfigError: an ``exact`` name is taken, or the folder cannot be created.
     """
-    for _ in range(20):
-        folder = experiment_dir / (run_id or new_run_id())
+    for attempt in range(20):
+        name = run_id or new_run_id()
+        if run_id and attempt and not exact:
+            name = f"{run_id}-{secrets.token_hex(3)}"
+        folder = experiment_dir / name
         try:
             folder.mkdir(parents=True, exist_ok=False)
             return folder
         except FileExistsError:
-            if run_id:
+            if exact:
                 raise ConfigError(
                     f"The run folder {folder} exists already. Resume it with --ckpt_path {folder}, or unset "
                     "WANDB_RUN_ID to start a new run."
@@ -66,6 +75,23 @@ def create_run_folder(experiment_dir: Path, run_id: str | None = None) -> Path:
                 "--trainer.default_root_dir."
             ) from err
     raise ConfigError(f"Could not find a free run id under {experiment_dir}.")  # 20 collisions of 2^24 ids
+
+
+def slurm_run_id(experiment_dir: Path) -> str | None:
+    """The run id of a SLURM job: the same for all its tasks and after a requeue, different per experiment.
+
+    ``slurm-<job id>-<6 hex digits of the experiment folder>``: Lightning's auto-requeue reruns the same command
+    under the same job id, and finds its ``hpc_ckpt_*.ckpt`` in this folder. The experiment part keeps the W&B
+    run ids of two experiments trained in one job apart.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    where = hashlib.sha1(str(experiment_dir.resolve()).encode()).hexdigest()[:6]
+    return f"slurm-{job}-{where}"
 
 
 def run_folders(experiment_dir: Path) -> list[Path]:
@@ -171,6 +197,13 @@ def plan_run(subcommand: str, experiment_dir: Path, ckpt_path: str | None, rank:
     shared = os.environ.get(RUN_ID_ENV)
     if shared:
         return RunPlan(experiment_dir / shared, ckpt_path)
+    slurm = slurm_run_id(experiment_dir)
+    if slurm and subcommand == "fit" and list((experiment_dir / slurm).glob("hpc_ckpt_*.ckpt")):
+        # a requeued SLURM job: Lightning resumes from the hpc checkpoint it saved there on SIGUSR1
+        return RunPlan(experiment_dir / slurm, ckpt_path, resumed=True)
     if rank != 0:  # a placeholder, replaced by rank 0's folder at set-up; nothing is created here
         return RunPlan(experiment_dir / f".rank-{rank}-pending", ckpt_path)
-    return RunPlan(create_run_folder(experiment_dir, os.environ.get("WANDB_RUN_ID")), ckpt_path, created=True)
+    sweep_trial = os.environ.get("WANDB_RUN_ID")
+    if sweep_trial:
+        return RunPlan(create_run_folder(experiment_dir, sweep_trial, exact=True), ckpt_path, created=True)
+    return RunPlan(create_run_folder(experiment_dir, slurm), ckpt_path, created=True)
