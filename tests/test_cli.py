@@ -218,6 +218,7 @@ def test_unknown_config_file(workdir: Path, capsys: pytest.CaptureFixture) -> No
     assert "no_such_experiment.yaml" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mnist_config_one_epoch_on_real_data(real_data: Path, workdir: Path) -> None:
     # Seed 1: one-epoch accuracy of this recipe varies with the seed (seeds 0-3 gave 97.98, 98.38, 98.38, 98.46%).
     cli = run(

@@ -158,6 +158,7 @@ def test_slurm_tasks_as_srun_starts_them(cifar: Path, tmp_path: Path) -> None:
     assert folder.startswith("slurm-4242-")  # named by the job, so a requeued job finds it
 
 
+@pytest.mark.slow
 def test_the_watchdog_ends_a_hung_rank_with_its_stack(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import time, types
