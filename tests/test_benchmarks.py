@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 from fakedata import make_mnist_idx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
