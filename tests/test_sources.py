@@ -157,3 +157,66 @@ def test_real_data_when_present(real_data: Path) -> None:
     assert cifar.train.images.shape == (50000, 3, 32, 32) and len(cifar.test) == 10000
     assert torch.bincount(cifar.test.labels).tolist() == [1000] * 10
     assert cifar.classes == tuple(CIFAR_NAMES)
+
+
+class _Payload:
+    """Unpickling this creates a file: what a crafted batch in a downloaded data folder could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_batch_is_refused_without_running_its_code(tmp_path: Path) -> None:
+    import pickle
+
+    make_cifar_batches(tmp_path, per_batch=4, n_test=4)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({"data": _Payload(marker), "labels": [0]}))
+    with pytest.raises(DataError, match=r"Refusing CIFAR-10 batch .*data_batch_3: it refers to (posix|os)\.system"):
+        load_dataset("cifar10", tmp_path, download=False)
+    assert not marker.exists()
+
+
+def test_mnist_files_that_do_not_belong_together_are_refused_at_setup(tmp_path: Path) -> None:
+    from fakedata import write_idx
+
+    root = make_mnist_idx(tmp_path, n_train=30, n_test=10)
+    raw = root / "MNIST" / "raw"
+    write_idx(raw / "train-labels-idx1-ubyte", np.zeros(29, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte holds 29 labels but .*train-images.* holds 30"):
+        load_dataset("mnist", root, download=False)
+    write_idx(raw / "train-labels-idx1-ubyte", np.full(30, 12, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte has 30 labels outside 0..9 \(e.g. 12\)"):
+        load_dataset("mnist", root, download=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_decode_cache_is_rebuilt_with_one_line(
+    tmp_path: Path, damage: str, capsys: pytest.CaptureFixture
+) -> None:
+    root = make_image_folder(tmp_path / "cifar10", per_class_train=3, per_class_test=2)
+    first = load_dataset("cifar10", root, download=False)
+    locate_mod._memo.cache_clear()
+    (cache,) = Path(os.environ["LIGHTNING_CNN_CACHE"]).rglob("*.npz")
+    raw = bytearray(cache.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2] ^= 0xFF  # one bit-flipped byte in the middle of the pixels
+    cache.write_bytes(bytes(raw))
+    again = load_dataset("cifar10", root, download=False)
+    assert "is damaged" in capsys.readouterr().out
+    assert torch.equal(again.train.images, first.train.images)
+    locate_mod._memo.cache_clear()
+    assert torch.equal(load_dataset("cifar10", root, download=False).train.images, first.train.images)
+
+
+def test_a_decompression_bomb_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_image_folder(tmp_path / "cifar10", per_class_train=2, per_class_test=1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 = 1,024 pixels: over twice the limit
+    with pytest.raises(DataError, match=r"Cannot decode image .*0000\.png: .*decompression bomb"):
+        load_dataset("cifar10", root, download=False)

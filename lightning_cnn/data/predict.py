@@ -36,7 +36,7 @@ class PredictFolder(Dataset):
         try:
             with Image.open(path) as im:
                 pixels = np.asarray(im.convert(self.mode).resize(self.size, Image.Resampling.BILINEAR))
-        except (UnidentifiedImageError, OSError) as err:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from err
         tensor = torch.from_numpy(pixels.copy())
         return (tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)), str(path)

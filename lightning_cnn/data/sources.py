@@ -16,6 +16,8 @@ import gzip
 import hashlib
 import os
 import pickle
+import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +96,16 @@ def read_mnist_idx(folder: Path) -> Dataset | None:
     files = [_idx_file(folder, stem) for stem in stems]
     if any(f is None for f in files):
         return None
-    arrays = [read_idx(f) for f in files if f is not None]
+    names = [f for f in files if f is not None]
+    arrays = [read_idx(f) for f in names]
+    for i in (0, 2):  # train, then test: images and labels
+        images, labels, image_file, label_file = arrays[i], arrays[i + 1], names[i], names[i + 1]
+        if len(images) != len(labels):
+            raise DataError(
+                f"{label_file} holds {len(labels)} labels but {image_file} holds {len(images)} images; the files "
+                "do not belong together. Replace them with the original MNIST files."
+            )
+        check_labels(labels, len(MNIST_CLASSES), label_file)
     splits = [
         Split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
         for images, labels in (arrays[:2], arrays[2:])
@@ -102,13 +113,55 @@ def read_mnist_idx(folder: Path) -> Dataset | None:
     return Dataset(splits[0], splits[1], MNIST_CLASSES, f"MNIST IDX files in {folder}")
 
 
+def check_labels(labels: np.ndarray, classes: int, source: Path) -> None:
+    """Refuse labels outside ``0 .. classes-1`` (they would end training in an IndexError, or train silently)."""
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if bad.size:
+        raise DataError(
+            f"{source} has {bad.size} labels outside 0..{classes - 1} (e.g. {int(bad[0])}). Replace it with the "
+            "original file."
+        )
+
+
 # ------------------------------------------------------------------------------ CIFAR-10 python batches
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads what the official CIFAR-10 batches hold (dicts, lists, str, bytes, ints, numpy arrays) and nothing
+    else: ``pickle.load`` of a crafted batch file would run any code it names.
+
+    As PyTorch's ``weights_only`` loading does for checkpoints: a file from the data folder is untrusted input.
+    """
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy.core.numeric", "_frombuffer"),  # arrays in pickles of protocol 5
+            ("numpy._core.numeric", "_frombuffer"),
+            ("_codecs", "encode"),  # how Python 2 pickles of byte strings come back under encoding="latin1"
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        return getattr(sys.modules[module] if module in sys.modules else __import__(module, fromlist=[name]), name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        raise DataError(f"Cannot read CIFAR-10 batch {path}: {err}. Replace it with the original file.") from err
+            loaded = _BatchUnpickler(f, encoding="latin1").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, AttributeError, ImportError) as err:
+        raise DataError(
+            f"Refusing CIFAR-10 batch {path}: {err}. It is not an original CIFAR-10 file; replace it."
+        ) from err
+    if not isinstance(loaded, dict):
+        raise DataError(f"Refusing CIFAR-10 batch {path}: it holds a {type(loaded).__name__}, not a dict. Replace it.")
+    return loaded
 
 
 def read_cifar_batches(folder: Path) -> Dataset | None:
@@ -126,8 +179,12 @@ def read_cifar_batches(folder: Path) -> Dataset | None:
         try:
             data = np.concatenate([np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
             labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])
-        except (KeyError, ValueError) as err:
+        except (KeyError, ValueError, TypeError) as err:
             raise DataError(f"A CIFAR-10 batch in {folder} is malformed ({err}). Replace the folder.") from err
+        if len(data) != len(labels):
+            raise DataError(f"The CIFAR-10 batches {', '.join(group)} in {folder} hold {len(data)} images but "
+                            f"{len(labels)} labels. Replace the folder.")  # fmt: skip
+        check_labels(labels, len(CIFAR10_CLASSES), folder / group[0])
         splits.append(Split(torch.from_numpy(data), torch.from_numpy(labels)))
     meta = folder / "batches.meta"
     classes = tuple(_unpickle(meta)["label_names"]) if meta.is_file() else CIFAR10_CLASSES
@@ -167,7 +224,7 @@ def _decode(path: Path, mode: str, size: int) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             pixels = np.asarray(im.convert(mode))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from err
     if pixels.shape[:2] != (size, size):
         raise DataError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} pixels; this dataset needs {size}x{size}.")
@@ -205,9 +262,12 @@ def read_image_folder(folder: Path, channels: int, size: int) -> Dataset | None:
     cache = cache_dir() / "decoded" / f"{prefix}-{key}.npz"
     if cache.is_file():
         try:
-            with np.load(cache) as z:
+            # np.load reads the .npz through zipfile, which checks each member's CRC: a flipped bit fails here
+            with np.load(cache, allow_pickle=False) as z:
                 arrays = [z[k] for k in ("train_x", "train_y", "test_x", "test_y")]
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            print(f"lightning-cnn: the decode cache {cache} is damaged ({type(err).__name__}); decoding again.")
+            cache.unlink(missing_ok=True)
             arrays = []  # a damaged cache is rebuilt, never trusted
     else:
         arrays = []
