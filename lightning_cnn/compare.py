@@ -61,6 +61,7 @@ def load_run(folder: Path) -> tuple[dict[str, Any], list[tuple[float, float]]]:
         summary = json.loads((folder / SUMMARY).read_text())
     except ValueError as err:
         raise UserError(f"{folder / SUMMARY} is not valid JSON ({err}); the run may have been cut off.") from err
+    _check_summary(summary, folder / SUMMARY)
     curve: list[tuple[float, float]] = []
     if (folder / HISTORY).is_file():
         with open(folder / HISTORY) as f:
@@ -68,10 +69,28 @@ def load_run(folder: Path) -> tuple[dict[str, Any], list[tuple[float, float]]]:
     return summary, curve
 
 
+def _check_summary(summary: Any, source: Path | str) -> None:
+    """Refuse a summary that is not the object a run writes (a hand-edited or foreign file)."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("test", {}), dict):
+        raise UserError(
+            f"{source} is not a run summary of lightning-cnn (expected an object with a 'test' object of figures)."
+        )
+    numbers = ("parameters", "trainable_parameters", "epochs", "fit_seconds", "train_images_per_second")
+    wrong = [k for k in numbers if k in summary and not isinstance(summary[k], int | float)]
+    wrong += [k for k, v in summary.get("test", {}).items() if not isinstance(v, int | float)]
+    if wrong:
+        raise UserError(f"{source}: {', '.join(wrong)} should be numbers. The file is damaged or not a run summary.")
+
+
 def _load_wandb_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, float]]]:
     from lightning_cnn.wandb_files import read_run
 
     record = read_run(run_dir)
+    if not record["summary"] and not record["history"]:
+        raise UserError(
+            f"The W&B run in {run_dir} holds no figures: its .wandb file is empty or cut short. Compare the run "
+            "folder instead, or sync the run again."
+        )
     summary = dict(record["summary"])
     summary["test"] = {k: v for row in record["history"] for k, v in row.items() if k.startswith("test/")}
     curve = [(float(row["epoch"]) + 1, float(row["val/acc"])) for row in record["history"] if "val/acc" in row]
@@ -131,8 +150,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "runs", nargs="+", help="run folders (runs/cifar10_base), W&B run folders, or W&B run paths entity/project/id"
     )
-    parser.add_argument("--output", type=Path, default=Path("comparison.md"), help="Markdown table to write")
-    parser.add_argument("--plot", type=Path, default=Path("comparison.png"), help="PNG of the validation curves")
+    parser.add_argument("--output", type=Path, help="also write the Markdown table to this file")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the validation curves to this file")
     args = parser.parse_args(argv)
     loaded: dict[str, tuple[dict[str, Any], list[tuple[float, float]]]] = {}
     for run in args.runs:
@@ -141,10 +160,15 @@ def main(argv: list[str]) -> None:
             name = f"{name}/{summary.get('run', len(loaded))}"
         loaded[name] = (summary, curve)
     table = markdown_table({name: summary for name, (summary, _) in loaded.items()})
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(table)
-    from lightning_cnn.plots import plot_validation_curves
-
-    plot_validation_curves({name: curve for name, (_, curve) in loaded.items()}, args.plot)
     print(table, end="")
-    print(f"Wrote {args.output} and {args.plot}")
+    # Files only where the user asked for them: a command run from any folder must not litter it.
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table)
+        print(f"Wrote {args.output}")
+    if args.plot:
+        from lightning_cnn.plots import plot_validation_curves
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_validation_curves({name: curve for name, (_, curve) in loaded.items()}, args.plot)
+        print(f"Wrote {args.plot}")

@@ -54,9 +54,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    for raw in _chunks(wandb_file(run_dir).read_bytes()):
+    path = wandb_file(run_dir)
+    for raw in _chunks(path.read_bytes()):
         record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf module
-        record.ParseFromString(raw)
+        try:
+            record.ParseFromString(raw)
+        except Exception as err:  # protobuf's DecodeError; its module path differs between versions
+            raise UserError(f"{path} is damaged ({type(err).__name__}); it cannot be read.") from err
         kind = record.WhichOneof("record_type")
         if kind == "run":
             config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})

@@ -124,7 +124,7 @@ def test_compare_reads_an_online_wandb_run_path(tmp_path: Path, monkeypatch: pyt
     assert asked == ["me/lightning-cnn/abc123", "me/lightning-cnn/def456"]
     row = (tmp_path / "t.md").read_text().splitlines()[2]
     assert row.startswith("| cifar10_base | 82.16% |") and "537,610" in row
-    assert (tmp_path / "comparison.png").stat().st_size > 1000
+    assert list(tmp_path.iterdir()) == [tmp_path / "t.md"]  # no picture unless asked for with --plot
 
 
 def test_compare_explains_a_wandb_run_it_cannot_reach(
@@ -158,3 +158,30 @@ def test_a_resumed_run_continues_its_wandb_run_in_its_own_folder(offline: Path, 
     parts = sorted((run / "wandb").glob("offline-run-*"))
     assert len(parts) == 2 and all(p.name.endswith(f"-{run.name}") for p in parts)  # one W&B run id, two parts
     assert read_run(parts[1])["config"]["ckpt_path"].endswith("last.ckpt")
+
+
+@pytest.mark.slow
+def test_an_unreachable_wandb_server_means_offline_after_a_bounded_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    import socket
+    import time
+
+    import wandb
+
+    with socket.socket() as s:  # a port on this machine that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / "data" / "cifar10", per_class_train=4, per_class_test=2)
+    start = time.monotonic()
+    main(["fit", "--config", "split_cifar10_phase1", f"--data.data_dir={root}", "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    wandb.finish()
+    assert time.monotonic() - start < 60
+    assert "the server could not be reached" in "".join(capfd.readouterr())
+    assert list((tmp_path / "runs/split_cifar10_phase1/latest/wandb").glob("offline-run-*"))
