@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn.errors import UserError
@@ -146,7 +147,8 @@ class InterruptCheckpoint(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         directory = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if isinstance(exception, TrainingDiverged) or directory is None or not trainer.training:
+        # during fit, validation included: SIGTERM often lands in the validation that follows an epoch
+        if isinstance(exception, TrainingDiverged) or directory is None or trainer.state.fn != TrainerFn.FITTING:
             return
         if trainer.global_step == 0:
             return

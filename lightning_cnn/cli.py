@@ -97,6 +97,7 @@ class CNNCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        check_settings(config)
         # Before LightningCLI itself opens --ckpt_path (for its hyperparameters) with an opaque error.
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_dir():
@@ -148,6 +149,23 @@ class CNNCLI(LightningCLI):
 
 class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the epilog's lines kept as written."""
+
+
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators accept
+
+
+def check_settings(config: Namespace) -> None:
+    """Refuse, in one line each, settings that Lightning or torch would accept silently or end in a traceback."""
+    seed = config.get("seed_everything")
+    if not isinstance(seed, bool) and isinstance(seed, int) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(f"seed_everything must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed}.")
+    max_epochs = config.trainer.get("max_epochs")
+    if max_epochs is not None and max_epochs < -1:
+        raise ConfigError(f"trainer.max_epochs must be a number of epochs (or -1: no limit), got {max_epochs}.")
+    optimizer = config.model.get("optimizer")
+    lr = optimizer.get("init_args", {}).get("lr") if isinstance(optimizer, Namespace) else None
+    if isinstance(lr, int | float) and lr <= 0:
+        raise ConfigError(f"model.optimizer.init_args.lr must be positive, got {lr}.")
 
 
 def place_run(subcommand: str, config: Namespace) -> RunPlan:
@@ -251,7 +269,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
             args=resolve_config_args(argv),
         )
     except Exception as err:
-        cause = _user_error(err)
+        cause = _user_error(err) or _checkpoint_mismatch(err, argv)
         if cause is None:
             raise
         subcommand = next((a for a in argv if a in CNNCLI.subcommands()), None)
@@ -297,6 +315,20 @@ _PARSER_NOISE = (
     "Does not validate against any",
     "Expected a <class 'NoneType'>",
 )
+
+
+def _checkpoint_mismatch(err: BaseException, argv: list[str]) -> CheckpointError | None:
+    """A checkpoint of another architecture or class count: torch's size-mismatch error, as one line."""
+    message = str(err)
+    if not (isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in message):
+        return None
+    details = [line.strip() for line in message.splitlines()[1:] if line.strip()]
+    named = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
+    named = named or next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ckpt_path"), "the checkpoint")
+    return CheckpointError(
+        f"--ckpt_path {named} does not fit the configured model ({details[0] if details else message[:200]}). "
+        "Use the config the checkpoint was trained with."
+    )
 
 
 def _one_line(err: BaseException) -> str:

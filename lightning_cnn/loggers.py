@@ -11,8 +11,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from lightning_cnn.runs import process_rank
+
+INIT_TIMEOUT = 30  # seconds W&B may try to reach its server before the run goes on offline
 
 
 def wandb_configured() -> bool:
@@ -72,10 +75,35 @@ class WandbLogger(LightningWandbLogger):
             Path(save_dir).mkdir(parents=True, exist_ok=True)
         if resume is not None:
             kwargs["resume"] = resume
+        if not offline and "settings" not in kwargs and not os.environ.get("WANDB_INIT_TIMEOUT"):
+            import wandb
+
+            # W&B waits 90 s for an unreachable server by default; training should not wait that long
+            kwargs["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT)
         super().__init__(
             project=project, name=name, group=group, job_type=job_type, tags=tags, save_dir=save_dir,
             offline=offline, id=id, **kwargs,
         )  # fmt: skip
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The W&B run; when the server cannot be reached, an offline run instead, so training goes on."""
+        try:
+            return LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+        except Exception as err:  # wandb raises CommError, UsageError, TimeoutError, ... for a server it lacks
+            if self._offline or self._experiment is not None or os.environ.get("WANDB_MODE") == "disabled":
+                raise
+            hint = f"wandb sync {Path(self._save_dir or '.') / 'wandb' / 'offline-run-*'}"
+            print(f"W&B: the server could not be reached ({type(err).__name__}); recording offline instead. "
+                  f"Upload later with `{hint}`.", file=sys.stderr)  # fmt: skip
+            import wandb
+
+            wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
+            self._offline = True
+            self._wandb_init["mode"] = "offline"
+            self._wandb_init.pop("settings", None)
+            return LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
 
 
 class SaveConfigToRun(SaveConfigCallback):

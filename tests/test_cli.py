@@ -14,6 +14,7 @@ from PIL import Image
 
 from lightning_cnn.cli import main, run
 from lightning_cnn.experiments import CONFIG_DIR
+from lightning_cnn.models import MNISTCNN, ImageClassifier
 
 CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
 QUICK = [
@@ -162,7 +163,7 @@ BAD_INPUT = [
     ("unknown config key", ["--data.init_args.bach_size=3"], "bach_size"),
     ("batch size 0", ["--data.batch_size=0"], "batch_size must be a positive integer, got 0"),
     ("negative batch size", ["--data.batch_size=-5"], "batch_size must be a positive integer, got -5"),
-    ("learning rate 0", ["--model.optimizer.init_args.lr=-0.1"], "Invalid optimizer setting: Invalid learning rate"),
+    ("negative learning rate", ["--model.optimizer.init_args.lr=-0.1"], "lr must be positive, got -0.1"),
     (
         "dropout 1",
         ["--model.network=lightning_cnn.models.CIFARCNNDropout", "--model.network.init_args.dropout=[0.2,1.0,0.1]"],
@@ -177,6 +178,14 @@ BAD_INPUT = [
         "nope.ckpt does not exist",
     ),
     ("data not there", ["--data.data_dir=/nonexistent/place", "--data.download=false"], "No CIFAR data found"),
+    ("learning rate exactly 0", ["--model.optimizer.init_args.lr=0"], "lr must be positive, got 0"),
+    ("max_epochs below -1", ["--trainer.max_epochs=-5"], "trainer.max_epochs must be a number of epochs"),
+    ("seed out of range", ["--seed_everything=99999999999"], "seed_everything must lie in 0..4294967295"),
+    (
+        "checkpoint of another architecture",
+        ["--model.network=lightning_cnn.models.CIFARCNNDropout", "--ckpt_path=mnist.ckpt"],
+        "--ckpt_path mnist.ckpt does not fit the configured model",
+    ),
 ]
 
 
@@ -203,6 +212,9 @@ def test_bad_input_gets_one_clear_message_and_exit_2(
 ) -> None:
     config = str(CONFIGS / "split_cifar10_phase1.yaml")
     (workdir / "truncated.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a zip archive cut short
+    if case == "checkpoint of another architecture":  # an MNIST network's weights for the CIFAR run
+        model = ImageClassifier(MNISTCNN())
+        torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": "2.6.0"}, workdir / "mnist.ckpt")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", config, f"--data.data_dir={fake_root}", *QUICK, *args])
     assert exit_info.value.code == 2
@@ -324,3 +336,54 @@ def test_a_cosine_schedule_anneals_over_the_runs_epochs(fake_root: Path, workdir
     (scheduler,) = cli.trainer.lr_scheduler_configs
     assert scheduler.scheduler.T_max == 3  # type: ignore[attr-defined]
     assert scheduler.scheduler.get_last_lr()[0] == pytest.approx(0.01 * (1 + math.cos(math.pi * 3 / 3)) / 2)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('["not", "a", "summary"]', "is not a run summary of lightning-cnn"),
+        ('{"test": 0.5}', "is not a run summary of lightning-cnn"),
+        ('{"test": {"test/acc": "high"}, "epochs": 3}', "test/acc should be numbers"),
+        ('{"test": {"test/acc": 0.5', "is not valid JSON"),
+    ],
+)
+def test_compare_refuses_a_broken_summary_in_one_line_and_writes_nothing(
+    workdir: Path, capsys: pytest.CaptureFixture, content: str, message: str
+) -> None:
+    (workdir / "run").mkdir()
+    (workdir / "run" / "summary.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in workdir.iterdir()) == ["run"]
+
+
+def test_compare_refuses_a_cut_short_wandb_run(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    run = workdir / "wandb" / "offline-run-1"
+    run.mkdir(parents=True)
+    (run / "run-abc.wandb").write_bytes(b":W&B\x00\x00\x01" + b"\x00" * 10)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(run)])
+    assert exit_info.value.code == 2 and "holds no figures" in capsys.readouterr().err
+
+
+def test_help_names_every_command_and_the_exit_codes(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("fit", "test", "predict", "compare", "experiments", "143"):
+        assert word in out, word
+
+
+def test_runs_started_in_the_same_second_with_the_same_random_digits_still_get_two_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_cnn import runs
+
+    ids = iter(["20261129-101512-3fa9c1", "20261129-101512-3fa9c1", "20261129-101512-77aa00"])
+    monkeypatch.setattr(runs, "new_run_id", lambda: next(ids))
+    first, second = runs.create_run_folder(tmp_path), runs.create_run_folder(tmp_path)
+    assert (first.name, second.name) == ("20261129-101512-3fa9c1", "20261129-101512-77aa00")

@@ -132,3 +132,56 @@ def test_a_run_resumed_mid_epoch_reports_every_epoch_and_all_its_training(tmp_pa
     assert 0 < summary["train_seconds"] <= summary["fit_seconds"]
     with open(tmp_path / "run" / "history.csv") as f:
         assert [int(float(row["epoch"])) for row in csv.DictReader(f)] == [0, 1, 2]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from lightning_cnn.checkpoints import AtomicCheckpointIO, CheckpointWriteError
+
+    io, path = AtomicCheckpointIO(), tmp_path / "run" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
+    before = path.read_bytes()
+
+    def disk_full(obj: object, f: Any) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointWriteError, match=r"Could not write .*last\.ckpt: the disk is full\. The previous"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_a_full_disk_mid_run_ends_in_one_line_and_resume_takes_the_last_good_checkpoint(
+    cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import errno
+
+    import lightning_cnn.checkpoints as checkpoints
+
+    saves, real_save = [], torch.save
+
+    def fills_up(obj: object, f: Any) -> None:
+        saves.append(1)
+        if len(saves) > 2:  # epoch 0's best and last went through; the disk is full from epoch 1 on
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoints.torch, "save", fills_up)
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(cifar_root, tmp_path, 3)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "Traceback" not in err
+    monkeypatch.undo()
+    (run_folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    last = torch.load(run_folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0  # the good one, intact
+    assert not list(run_folder.rglob("*.partial"))
+    resumed = _fit(cifar_root, tmp_path, 2, "--ckpt_path=last")
+    assert resumed.trainer.current_epoch == 2

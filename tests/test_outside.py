@@ -105,6 +105,7 @@ def test_sigterm_exits_143_and_the_run_resumes_in_its_own_folder(data: Path, cwd
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"] == interrupted["epoch"] + 1
 
 
+@pytest.mark.slow  # the mechanism (exclusive creation) is tested in-process in test_cli
 def test_two_runs_of_one_config_started_together_get_two_folders(data: Path, cwd: Path) -> None:
     assert EXE is not None
     command = [EXE, "fit", "--config", "mnist", f"--data.data_dir={data}", *QUICK]
@@ -144,10 +145,3 @@ def test_a_sweep_trial_runs_as_the_wandb_agent_starts_it(data: Path, cwd: Path) 
         config = yaml.safe_load((run / "config.yaml").read_text())
         assert config["model"]["optimizer"]["init_args"]["lr"] == picks["model.optimizer.init_args.lr"]
         assert next((run / "wandb").glob("offline-run-*")).name.endswith(run.name)
-
-
-def test_help_names_every_command_and_the_exit_codes(cwd: Path) -> None:
-    done = cli(cwd, "--help")
-    assert done.returncode == 0
-    for word in ("fit", "test", "predict", "compare", "experiments", "143"):
-        assert word in done.stdout, word
