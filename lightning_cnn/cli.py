@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -195,7 +196,20 @@ def place_run(subcommand: str, config: Namespace) -> RunPlan:
             init.resume = "allow" if run.resumed else None
     if run.created:
         os.environ[RUN_ID_ENV] = run.folder.name  # the processes Lightning starts for DDP join this run
+        _CREATED.append(run.folder)
     return run
+
+
+_CREATED: list[Path] = []  # run folders this process created, removed again if the run fails before a checkpoint
+
+
+def _discard_unstarted_runs() -> None:
+    """Remove the run folders of this process that hold no checkpoint: a run that failed before training leaves
+    nothing for a resume, the latest pointer or ``compare`` to pick up."""
+    while _CREATED:
+        folder = _CREATED.pop()
+        if folder.is_dir() and not any(folder.rglob("*.ckpt")):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _logger_configs(value: Any) -> list[Namespace]:
@@ -269,6 +283,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
             args=resolve_config_args(argv),
         )
     except Exception as err:
+        _discard_unstarted_runs()
         cause = _user_error(err) or _checkpoint_mismatch(err, argv)
         if cause is None:
             raise
@@ -277,6 +292,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
         print(f"lightning-cnn: error: {_one_line(cause)}{hint}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED if isinstance(cause, TrainingDiverged) else EXIT_BAD_INPUT) from None
     finally:
+        _CREATED.clear()
         if created_run:
             os.environ.pop(RUN_ID_ENV, None)
 

@@ -7,6 +7,7 @@ per epoch), ``learning_curves.png`` and, after test, ``confusion_matrix.png`` an
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_cnn import __version__
+from lightning_cnn.checkpoints import write_atomically
 
 SUMMARY = "summary.json"
 HISTORY = "history.csv"
@@ -29,9 +31,8 @@ def _float(value: Any) -> float:
 
 
 def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True).encode()
+    write_atomically(path, lambda f: f.write(text))
 
 
 class RunReport(L.Callback):
@@ -169,10 +170,11 @@ class RunReport(L.Callback):
 
     def _write_history(self, path: Path) -> None:
         keys = sorted({k for row in self.history for k in row}, key=lambda k: (k not in ("epoch", "step"), k))
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, keys)
-            writer.writeheader()
-            writer.writerows(self.history)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, keys)
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def _log_to_wandb(

@@ -221,6 +221,7 @@ def test_bad_input_gets_one_clear_message_and_exit_2(
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+    assert not [p for p in (workdir / "runs").rglob("*") if p.is_dir() and p.parent.name == "split_cifar10_phase1"]
 
 
 def test_unknown_config_file(workdir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,21 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(cifar_root: Path, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for key in ("val/acc", "val/loss", "train/loss_epoch"):
         assert torch.equal(straight.trainer.callback_metrics[key], resumed.trainer.callback_metrics[key]), key
+
+
+def test_a_run_interrupted_mid_epoch_resumes_bit_for_bit(cifar_root: Path, tmp_path: Path) -> None:
+    # 3 batches an epoch: SIGTERM after step 4 lands in the middle of epoch 1, with dropout and augmentation
+    straight = _fit(cifar_root, tmp_path / "a", 3)
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+        _fit(cifar_root, tmp_path / "b", 3, "--trainer.callbacks+=fakedata.SigtermAtStep")
+    (interrupted,) = tmp_path.glob("b/*/checkpoints/last-interrupted.ckpt")
+    assert torch.load(interrupted, weights_only=True)["global_step"] == 4
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dataloader is not resumable")  # Lightning's mid-epoch warning
+        resumed = _fit(cifar_root, tmp_path / "b", 3, "--ckpt_path=last")
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(straight.trainer.callback_metrics["val/acc"], resumed.trainer.callback_metrics["val/acc"])
 
 
 def test_same_seed_same_weights_and_metrics(cifar_root: Path, tmp_path: Path) -> None:

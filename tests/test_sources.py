@@ -220,3 +220,22 @@ def test_a_decompression_bomb_is_named(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 = 1,024 pixels: over twice the limit
     with pytest.raises(DataError, match=r"Cannot decode image .*0000\.png: .*decompression bomb"):
         load_dataset("cifar10", root, download=False)
+
+
+def test_an_unwritable_cache_folder_falls_back_once_to_a_per_user_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import tempfile
+
+    monkeypatch.setenv("LIGHTNING_CNN_CACHE", "/proc/version/cache")  # under a file: never writable, even by root
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    root = make_image_folder(tmp_path / "cifar10", per_class_train=2, per_class_test=1)
+    load_dataset("cifar10", root, download=False)
+    (cache,) = (tmp_path / "tmp").rglob("*.npz")
+    written = cache.stat().st_mtime_ns
+    locate_mod._memo.cache_clear()
+    load_dataset("cifar10", root, download=False)
+    assert capsys.readouterr().out.count("cannot be written; caching in") == 1
+    assert cache.stat().st_mtime_ns == written  # decoded once, then read back

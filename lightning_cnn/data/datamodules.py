@@ -74,6 +74,7 @@ class ResidentDataModule(L.LightningDataModule):
         self.train_split: Split | None = None
         self.val_split: Split | None = None
         self.test_split: Split | None = None
+        self._train_stream: ResidentBatches | None = None
 
     # ------------------------------------------------------------------ what models are wired to
     @property
@@ -121,7 +122,8 @@ class ResidentDataModule(L.LightningDataModule):
         return ResidentBatches(split, self.eval_batch_size, **self._shard())
 
     def train_dataloader(self) -> ResidentBatches:
-        return self._stream("train")
+        self._train_stream = self._stream("train")
+        return self._train_stream
 
     def val_dataloader(self) -> ResidentBatches:
         return self._stream("val")
@@ -137,6 +139,9 @@ class ResidentDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment (training batches carry their random choices) and normalize, on the batch's device."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_stream is not None:
+            self._train_stream.consumed += 1  # Lightning transfers each batch as it trains it: the resume point
         images, rest = batch[0], batch[1]
         if len(batch) == 3:
             images = flip_and_crop(images, batch[2], self.pad)

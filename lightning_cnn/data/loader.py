@@ -29,6 +29,10 @@ class ResidentBatches:
     per-image augmentation choices from a generator seeded by the same triple, so an epoch is reproducible
     on its own: a run resumed at an epoch boundary sees the very batches an uninterrupted run sees.
     Lightning calls :meth:`set_epoch` on ``.sampler`` at the start of every epoch.
+    A training stream is resumable in Lightning's loader protocol (``state_dict``/``load_state_dict``): its
+    state is the epoch and the number of batches trained in it (:attr:`consumed`, counted by the DataModule as
+    each batch reaches training, so batches Lightning fetched ahead are not counted); a stream restored from it
+    goes on with the next batch, with the augmentation choices an uninterrupted epoch would have drawn.
     Evaluation streams keep dataset order and give rank ``r`` of ``w`` the samples ``r, r+w, r+2w, ...``,
     with no padding, so a metric synced across ranks counts every sample exactly once.
 
@@ -77,6 +81,17 @@ class ResidentBatches:
             # DistributedSampler only needs len(); a Split provides it
             self.sampler = DistributedSampler(cast(Dataset, split), world_size, rank, shuffle=True, seed=seed)
         self._eval_index = torch.arange(rank, len(split), world_size, device=self.images.device)
+        self.consumed = 0  # training batches of the current epoch that reached training
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) restored from a checkpoint
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch(), "batches": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def _epoch(self) -> int:
+        return self.sampler.epoch if self.sampler is not None else 0
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
@@ -95,10 +110,18 @@ class ResidentBatches:
         index = self._index()
         generator = None
         if self.augment:
-            epoch = self.sampler.epoch if self.sampler is not None else 0
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{self.rank}".encode()))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            seed = f"{self.seed}/{self._epoch()}/{self.rank}"
+            generator = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
+        skip = 0
+        if self._resume is not None and self._resume[0] == self._epoch():
+            skip = self._resume[1]  # a run resumed mid-epoch: go on after the batches it trained
+        self._resume, self.consumed = None, skip
+        for number, start in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
             batch = index[start : start + self.batch_size]
+            if number < skip:
+                if generator is not None:  # draw the skipped batches' choices: the generator goes on in step
+                    AugmentParams.sample(len(batch), self.pad, self.flip_p, generator)
+                continue
             images, labels = self.images[batch], self.labels[batch]
             if generator is None:
                 yield images, labels

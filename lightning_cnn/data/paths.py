@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from lightning_cnn.errors import DataError
@@ -27,12 +28,25 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
 def cache_dir() -> Path:
     """A writable folder for decoded arrays and downloads made when the data root is read-only.
 
-    ``$LIGHTNING_CNN_CACHE``, else ``$XDG_CACHE_HOME/lightning_cnn``, else ``~/.cache/lightning_cnn``.
+    ``$LIGHTNING_CNN_CACHE``, else ``$XDG_CACHE_HOME/lightning_cnn``, else ``~/.cache/lightning_cnn``. When that
+    cannot be written (a read-only home on a cluster node), a per-user folder in the system's temp folder, said
+    once: without a cache every run would decode all images again.
     """
     if env := os.environ.get(CACHE_ENV):
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "lightning_cnn"
+        chosen = Path(env).expanduser()
+    else:
+        chosen = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_cnn"
+    if is_writable(chosen):
+        return chosen
+    fallback = Path(tempfile.gettempdir()) / f"lightning_cnn-cache-{os.getuid()}"
+    if chosen not in _TOLD:
+        _TOLD.add(chosen)
+        print(f"lightning-cnn: the cache folder {chosen} cannot be written; caching in {fallback} instead "
+              f"(set {CACHE_ENV} to choose).")  # fmt: skip
+    return fallback
+
+
+_TOLD: set[Path] = set()
 
 
 def is_writable(path: Path) -> bool:
