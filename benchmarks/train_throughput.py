@@ -1,13 +1,17 @@
-"""Training images/s of the CIFAR CNN, three ways, in one invocation on the same machine.
+"""Training images/s of the CIFAR CNN, several ways, in one invocation on the same machine.
 
 (a) the assignment's loop: plain PyTorch, torchvision ``ImageFolder`` + PIL transforms, ``DataLoader``, fp32,
     NCHW, SGD, batch 128;
 (b) a bare PyTorch loop over resident tensors with the same batched augmentation as lightning_cnn and the
-    base config's settings (channels-last, fp32): the compute ceiling;
-(c) ``lightning-cnn fit`` with the base and the fast config (one process each; images/s measured by the
-    run report over training batches only).
+    base config's settings (channels-last, batch 128), in fp32 and in bf16 autocast: the compute ceilings;
+(c) ``lightning-cnn fit --config cifar10_base`` in fp32, in bf16-mixed, and as shipped (the precision this
+    machine picks), and the fast config as shipped (one process each; images/s measured by the run report).
 
-Prints images/s with ratios to (a) and (b). With ``--repeats N`` the four variants run round-robin N times
+All variants are timed alike: from their first batch, warm-up included (the run report of ``fit`` times its
+epochs from the start; an earlier version skipped 5 warm-up batches in the loops only, which made ``fit``
+look up to 29% slower in bf16 than it was). Prints images/s with ratios to (a) and to the bare loop of the
+same precision, and which precision this machine picks and why. With ``--repeats N`` the variants run
+round-robin N times
 and the table shows each one's median (timings on a shared VM drift by up to 20% between minutes; interleaving
 spreads that drift over all variants alike), and the share of CPU time the hypervisor took from this VM
 during each run ("steal", from ``/proc/stat``; a slowed run shows it). On a GPU machine the same script
@@ -32,8 +36,14 @@ from cpu_steal import with_steal
 from fit_rate import fit_images_per_second
 
 from lightning_cnn.experiments import shipped_config
+from lightning_cnn.hardware import choose_precision
 
 CIFAR10_TRAIN_IMAGES = 50_000
+ASSIGNMENT = "(a) assignment loop (PIL transforms, DataLoader, fp32)"
+BARE = {p: f"(b) bare PyTorch loop, resident tensors, {p}" for p in ("32-true", "bf16-mixed")}
+FIT = {p: f"(c) lightning-cnn fit --config cifar10_base --trainer.precision {p}" for p in ("32-true", "bf16-mixed")}
+SHIPPED = "(c) lightning-cnn fit --config cifar10_base (as shipped: this machine's precision)"
+FAST = "(c) lightning-cnn fit --config cifar10_fast (as shipped, batch 64)"
 
 
 def _device() -> torch.device:
@@ -64,12 +74,9 @@ def assignment_loop(folder: Path, batches: int, workers: int) -> float:
     )
     net = CIFARCNN().to(device)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    n, start = 0, 0.0
+    n, start = 0, time.perf_counter()  # warm-up (worker start, first kernels) counted, as in every variant
     for i, (x, y) in enumerate(loader):
-        if i == 5:  # warm-up (worker start, first kernels) is not counted
-            _sync(device)
-            n, start = 0, time.perf_counter()
-        if i == batches + 5:
+        if i == batches:
             break
         x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(net(x), y)
@@ -81,7 +88,7 @@ def assignment_loop(folder: Path, batches: int, workers: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bare_resident_loop(data_dir: str, batches: int) -> float:
+def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False) -> float:
     from lightning_cnn.data import CIFAR10DataModule
     from lightning_cnn.data.augment import flip_and_crop
     from lightning_cnn.data.loader import ResidentBatches
@@ -94,16 +101,15 @@ def bare_resident_loop(data_dir: str, batches: int) -> float:
     stream = ResidentBatches(dm.train_split, 128, train=True, pad=4, flip_p=0.5, device=device)
     net = CIFARCNN().to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    n, start, i = 0, 0.0, 0
-    while i < batches + 5:
+    n, start, i = 0, time.perf_counter(), 0
+    while i < batches:
         for x, y, params in stream:
-            if i == 5:
-                _sync(device)
-                n, start = 0, time.perf_counter()
-            if i == batches + 5:
+            if i == batches:
                 break
             x = dm.normalize(flip_and_crop(x, params, 4)).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(net(x), y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -122,17 +128,18 @@ def main() -> None:
     folder = next(p for p in Path(args.data_dir).iterdir() if "cifar" in p.name.lower() and (p / "train").is_dir())
 
     variants: dict[str, Callable[[], float]] = {
-        "(a) assignment loop (PIL transforms, DataLoader, fp32)": partial(
-            assignment_loop, folder, args.batches, args.workers
+        ASSIGNMENT: partial(assignment_loop, folder, args.batches, args.workers),
+        BARE["32-true"]: partial(bare_resident_loop, args.data_dir, args.batches),
+        BARE["bf16-mixed"]: partial(bare_resident_loop, args.data_dir, args.batches, bf16=True),
+        FIT["32-true"]: partial(
+            fit_images_per_second, "cifar10_base", args.data_dir, args.batches, "--trainer.precision=32-true"
         ),
-        "(b) bare PyTorch loop, resident tensors (base settings)": partial(
-            bare_resident_loop, args.data_dir, args.batches
+        FIT["bf16-mixed"]: partial(
+            fit_images_per_second, "cifar10_base", args.data_dir, args.batches, "--trainer.precision=bf16-mixed"
         ),
+        SHIPPED: partial(fit_images_per_second, "cifar10_base", args.data_dir, args.batches),
+        FAST: partial(fit_images_per_second, "cifar10_fast", args.data_dir, args.batches),
     }
-    for config in ("cifar10_base", "cifar10_fast"):
-        variants[f"(c) lightning-cnn fit --config configs/{config}.yaml"] = partial(
-            fit_images_per_second, config, args.data_dir, args.batches
-        )
     runs: dict[str, list[float]] = {name: [] for name in variants}
     steals: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -142,19 +149,26 @@ def main() -> None:
             if steal is not None:
                 steals[name].append(steal)
     results = {name: statistics.median(rates) for name, rates in runs.items()}
-    a, b = list(results.values())[:2]
-    print(f"CIFAR CNN training, {args.batches} timed batches each, {args.repeats} run(s), device {_device()}")
-    print("| variant | images/s (median) | vs (a) | vs (b) | runs | CPU steal (runs) |")
+    a = results[ASSIGNMENT]
+    choice = choose_precision("auto")
+    picked = choice.precision if choice else "32-true"
+    why = choice.reason if choice else "Lightning's default"
+    print(f"CIFAR CNN training, {args.batches} batches each, warm-up included, {args.repeats} run(s), "
+          f"device {_device()}; this machine picks {picked} ({why})")  # fmt: skip
+    print("| variant | images/s (median) | vs (a) | vs bare loop, same precision | runs | CPU steal (runs) |")
     print("|---|---:|---:|---:|---|---|")
+    same = {BARE["32-true"]: "32-true", BARE["bf16-mixed"]: "bf16-mixed", FIT["32-true"]: "32-true",
+            FIT["bf16-mixed"]: "bf16-mixed", SHIPPED: picked}  # fmt: skip
     for name, rate in results.items():
         each = ", ".join(f"{r:,.0f}" for r in runs[name])
         stolen = ", ".join(f"{100 * st:.0f}%" for st in steals[name]) or "n/a"
-        print(f"| {name} | {rate:,.0f} | {rate / a:.2f}x | {rate / b:.2f}x | {each} | {stolen} |")
+        bare = f"{rate / results[BARE[same[name]]]:.2f}x" if name in same else "-"
+        print(f"| {name} | {rate:,.0f} | {rate / a:.2f}x | {bare} | {each} | {stolen} |")
     # The time target compares whole recipes: the assignment's 30 epochs in its own loop against the fast
     # config's epochs, both at the rates just measured on this machine (training time; evaluation excluded).
     assignment_s = 30 * CIFAR10_TRAIN_IMAGES / a
     epochs = int(yaml.safe_load(shipped_config("cifar10_fast").read_text())["trainer"]["max_epochs"])
-    fast_s = epochs * CIFAR10_TRAIN_IMAGES / results["(c) lightning-cnn fit --config configs/cifar10_fast.yaml"]
+    fast_s = epochs * CIFAR10_TRAIN_IMAGES / results[FAST]
     print(
         f"\nTraining time at these rates: the assignment's recipe (30 epochs in loop (a)) {assignment_s:,.0f} s; "
         f"cifar10_fast ({epochs} epochs) {fast_s:,.0f} s = {fast_s / assignment_s:.2f} of it."

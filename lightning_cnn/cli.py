@@ -32,6 +32,7 @@ from lightning_cnn.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import CheckpointError, ConfigError, UserError
 from lightning_cnn.experiments import resolve_config_args
+from lightning_cnn.hardware import choose_precision, compile_pays
 from lightning_cnn.loggers import SaveConfigToRun
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.reporting import RunReport
@@ -99,6 +100,7 @@ class CNNCLI(LightningCLI):
             return
         config = self.config[subcommand]
         check_settings(config)
+        choose_hardware_settings(config)
         # Before LightningCLI itself opens --ckpt_path (for its hyperparameters) with an opaque error.
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_dir():
@@ -150,6 +152,23 @@ class CNNCLI(LightningCLI):
 
 class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the epilog's lines kept as written."""
+
+
+def choose_hardware_settings(config: Namespace) -> None:
+    """Fill in the precision (and whether to compile) this machine is best at, where the config leaves them unset.
+
+    Printed once (rank 0) and kept in the run's config.yaml, W&B config and summary.json.
+    """
+    trainer = config.trainer
+    if trainer.get("precision") is None:
+        choice = choose_precision(trainer.get("accelerator"))
+        if choice is not None:
+            trainer.precision = choice.precision
+            if process_rank() == 0:
+                print(f"Precision: {choice.precision} ({choice.reason}); --trainer.precision overrides it.")
+    model = config.get("model")
+    if model is not None and model.get("compile") is None:
+        model.compile = compile_pays(trainer.get("accelerator"))
 
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators accept

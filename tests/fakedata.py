@@ -88,3 +88,21 @@ class SigtermAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+# A fit that trains two batches and evaluates one: enough to run every hook of a config.
+QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def make_data_root(root: Path, per_class_train: int = 10) -> Path:
+    """MNIST IDX files and a CIFAR-10 image folder under one data root, as the CLI tests need them."""
+    make_mnist_idx(root, n_train=64, n_test=32)
+    make_image_folder(root / "cifar10", per_class_train=per_class_train, per_class_test=2, suffix=".png")
+    return root

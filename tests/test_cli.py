@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakedata import make_image_folder, make_mnist_idx
+from fakedata import QUICK as QUICK_FIT
+from fakedata import make_data_root
 from PIL import Image
 
 from lightning_cnn.cli import main, run
@@ -17,23 +18,12 @@ from lightning_cnn.experiments import CONFIG_DIR
 from lightning_cnn.models import MNISTCNN, ImageClassifier
 
 CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
-QUICK = [
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.limit_test_batches=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.logger=false",
-]
+QUICK = [*QUICK_FIT, "--trainer.logger=false"]
 
 
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_mnist_idx(root, n_train=64, n_test=32)
-    make_image_folder(root / "cifar10", per_class_train=10, per_class_test=2, suffix=".png")
-    return root
+    return make_data_root(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

@@ -13,28 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fakedata import make_image_folder, make_mnist_idx
+from fakedata import QUICK, make_data_root
 
 from lightning_cnn.experiments import CONFIG_DIR
 
 EXE = shutil.which("lightning-cnn")
 pytestmark = pytest.mark.skipif(EXE is None, reason="the lightning-cnn executable is not installed")
-QUICK = [
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.limit_test_batches=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_mnist_idx(root, n_train=64, n_test=32)
-    make_image_folder(root / "cifar10", per_class_train=6, per_class_test=2, suffix=".png")
-    return root
+    return make_data_root(tmp_path_factory.mktemp("data"), per_class_train=6)
 
 
 @pytest.fixture

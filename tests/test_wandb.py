@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,7 @@ def test_a_resumed_run_continues_its_wandb_run_in_its_own_folder(offline: Path, 
             "--trainer.enable_progress_bar=false", "--data.batch_size=10", "--test_after_fit=false"]  # fmt: skip
     main([*args, "--trainer.max_epochs=1"])
     wandb.finish()
+    time.sleep(1.1)  # W&B names a run's offline folders by the second: a resume in the same second shares one
     main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
     wandb.finish()
     (run,) = [p for p in (tmp_path / "runs/split_cifar10_phase1").iterdir() if not p.is_symlink()]

@@ -70,7 +70,8 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing of the training loss (evaluation loss is plain).
         num_classes: class count; ``None`` reads it off the network's last linear layer.
         channels_last: run convolutions in channels-last memory format.
-        compile: ``torch.compile`` the network.
+        compile: ``torch.compile`` the network (``None``, as the CLI passes it when unset: decided by the CLI for
+            the machine, on where it pays).
         flip_test_time: in validation, test and predict, average the logits of each image and its mirror
             image (horizontal flip, as the training augmentation does): a cheap gain for flip-augmented
             training, at twice the evaluation compute.
@@ -90,7 +91,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         num_classes: int | None = None,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | None = None,
         flip_test_time: bool = False,
     ) -> None:
         super().__init__()
@@ -130,7 +131,7 @@ class ImageClassifier(L.LightningModule):
     def configure_model(self) -> None:
         if self.channels_last:
             self.network.to(memory_format=torch.channels_last)
-        if self.compile_network:
+        if self.compile_network:  # None (undecided) means off
             self.network.compile()  # in place: the state dict keeps its plain keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

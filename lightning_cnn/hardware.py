@@ -1,0 +1,69 @@
+"""What the machine is best at: the training precision (and ``torch.compile``) chosen in code, not in configs.
+
+Measured on this project's CPUs: with AVX-512 BF16 (or AMX) ``bf16-mixed`` trains the CIFAR CNN about 2.5x
+faster than fp32; without them bf16 is emulated and 2-3x *slower*. So the shipped configs leave precision
+unset and the CLI picks it per machine; an explicit ``--trainer.precision`` always wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A Lightning ``precision`` value and why it was chosen, for the one line the CLI prints."""
+
+    precision: str
+    reason: str
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def choose_precision(
+    accelerator: str | None, cuda: bool | None = None, flags: frozenset[str] | None = None
+) -> PrecisionChoice | None:
+    """The precision to train in on this machine, or ``None`` to leave Lightning's default.
+
+    Args:
+        accelerator: the trainer's ``accelerator`` setting (``auto``, ``cpu``, ``gpu``, ``cuda``, ...).
+        cuda: whether a CUDA device will train (default: ``torch.cuda.is_available()``).
+        flags: the CPU's feature flags (default: :func:`cpu_flags`).
+
+    Example:
+        >>> choose_precision("cpu", flags=frozenset({"avx512f", "avx512_bf16"})).precision
+        'bf16-mixed'
+        >>> choose_precision("cpu", flags=frozenset({"avx512f"})).precision
+        '32-true'
+    """
+    accelerator = (accelerator or "auto").lower()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda):
+        if cuda and torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16-mixed", f"{torch.cuda.get_device_name()} supports bf16")
+        return PrecisionChoice("32-true", "this GPU has no bf16")
+    if accelerator not in ("cpu", "auto"):
+        return None  # mps, tpu, ...: Lightning's own default
+    found = [f for f in BF16_CPU_FLAGS if f in (cpu_flags() if flags is None else flags)]
+    if found:
+        return PrecisionChoice("bf16-mixed", f"this CPU has {' and '.join(found)}")
+    return PrecisionChoice("32-true", "this CPU has no AVX-512 BF16 or AMX, so bf16 would be emulated and slower")
+
+
+def compile_pays(accelerator: str | None, cuda: bool | None = None) -> bool:
+    """Whether ``torch.compile`` is worth its compile time here: on a CUDA GPU; not on CPU (measured slower)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return cuda and (accelerator or "auto").lower() in ("auto", "gpu", "cuda")

@@ -1,0 +1,62 @@
+"""The precision and compile choice is made per machine, in code; tested with faked capabilities both ways."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fakedata import QUICK as QUICK_FIT
+from fakedata import make_mnist_idx
+
+from lightning_cnn import hardware
+from lightning_cnn.cli import run
+
+QUICK = [*QUICK_FIT, "--trainer.logger=false"]
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\n")
+    assert {"avx512f", "avx512_bf16"} <= hardware.cpu_flags(cpuinfo)
+    assert hardware.cpu_flags(tmp_path / "missing") == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [({"avx512f", "avx512_bf16"}, "bf16-mixed"), ({"amx_bf16"}, "bf16-mixed"), ({"avx512f", "avx2"}, "32-true")],
+)
+def test_cpu_precision_follows_the_bf16_instructions(flags: set[str], expected: str) -> None:
+    for accelerator in ("cpu", None):
+        choice = hardware.choose_precision(accelerator, cuda=False, flags=frozenset(flags))
+        assert choice is not None and choice.precision == expected and choice.reason
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16-mixed"), (False, "32-true")])
+def test_gpu_precision_follows_the_cards_bf16_support(
+    monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "NVIDIA H200")
+    choice = hardware.choose_precision("auto", cuda=True, flags=frozenset())
+    assert choice is not None and choice.precision == expected
+    assert hardware.compile_pays("auto", cuda=True) and not hardware.compile_pays("cpu", cuda=True)
+    assert not hardware.compile_pays("auto", cuda=False)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"amx_bf16"}, "bf16-mixed"), (set(), "32-true")])
+def test_the_cli_picks_the_precision_unless_told_and_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, flags: set[str], expected: str
+) -> None:
+    monkeypatch.setattr(hardware, "cpu_flags", lambda *a: frozenset(flags))
+    monkeypatch.chdir(tmp_path)
+    data = make_mnist_idx(tmp_path / "data", n_train=64, n_test=32)
+    cli = run(["fit", "--config", "mnist", f"--data.data_dir={data}", "--trainer.accelerator=cpu", *QUICK])
+    assert cli is not None and cli.trainer.precision == expected and not cli.model.compile_network
+    assert f"Precision: {expected}" in capsys.readouterr().out
+    summary = (tmp_path / "runs/mnist/latest/summary.json").read_text()
+    assert f'"precision": "{expected}"' in summary
+    told = run(["fit", "--config", "mnist", f"--data.data_dir={data}", "--trainer.accelerator=cpu", *QUICK,
+                "--trainer.precision=32-true"])  # fmt: skip
+    assert told is not None and told.trainer.precision == "32-true"
+    assert "Precision:" not in capsys.readouterr().out
