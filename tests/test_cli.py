@@ -378,3 +378,12 @@ def test_runs_started_in_the_same_second_with_the_same_random_digits_still_get_t
     monkeypatch.setattr(runs, "new_run_id", lambda: next(ids))
     first, second = runs.create_run_folder(tmp_path), runs.create_run_folder(tmp_path)
     assert (first.name, second.name) == ("20261129-101512-3fa9c1", "20261129-101512-77aa00")
+
+
+def test_test_takes_a_run_folder_and_gets_a_folder_of_its_own(fake_root: Path, workdir: Path) -> None:
+    fit("mnist", fake_root)
+    (trained,) = (workdir / "runs/mnist").glob("2*")
+    cli = run(["test", "--config", "mnist", f"--data.data_dir={fake_root}", "--ckpt_path=runs/mnist/latest", *QUICK])
+    assert cli is not None and "test/acc" in cli.trainer.callback_metrics
+    assert len(list((workdir / "runs/mnist").glob("2*"))) == 2
+    assert (workdir / "runs/mnist/latest").resolve() == trained  # a test run is not a finished fit
