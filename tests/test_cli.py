@@ -250,6 +250,7 @@ def test_run_folder_report_and_compare(fake_root: Path, workdir: Path, capsys: p
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["parameters"] == summary["trainable_parameters"] == 225034
     assert summary["train_images_per_second"] > 0 and 0 <= summary["test"]["test/acc"] <= 1
+    assert 0 < summary["first_step_seconds"] < summary["train_seconds"]  # compile/warm-up, reported apart
     history = list(csv.DictReader((run / "history.csv").open()))
     assert [r["epoch"] for r in history] == ["0.0", "1.0"] and all(r["val/acc"] for r in history)
     capsys.readouterr()
