@@ -253,6 +253,7 @@ def test_run_folder_report_and_compare(fake_root: Path, workdir: Path, capsys: p
     assert 0 < summary["first_step_seconds"] < summary["train_seconds"]  # compile/warm-up, reported apart
     history = list(csv.DictReader((run / "history.csv").open()))
     assert [r["epoch"] for r in history] == ["0.0", "1.0"] and all(r["val/acc"] for r in history)
+    assert all(0.0 <= float(r["train/acc"]) <= 1.0 for r in history)  # accumulated over the epoch's batches
     capsys.readouterr()
     main(["compare", "runs/mnist/latest", "runs/split_cifar10_phase1/latest", "--output=cmp/table.md",
           "--plot=cmp/curves.png"])  # fmt: skip
