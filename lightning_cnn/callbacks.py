@@ -6,6 +6,9 @@ import csv
 import faulthandler
 import os
 import random
+import signal
+import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -213,3 +216,49 @@ class HangWatchdog(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.arm(trainer)  # checkpointing and validation follow
+
+
+class SlurmRequeue(Callback):
+    """SLURM's warning before the time limit (``#SBATCH --signal=SIGUSR1@90``), handled by every rank together.
+
+    The signal only sets a flag. At the next training step boundary the ranks agree that one of them was
+    signalled, all save ``hpc_ckpt_N.ckpt`` into the run folder, rank 0 asks ``scontrol requeue`` for the job,
+    and the run stops with status 143; the requeued job finds the checkpoint in the same run folder (its name
+    comes from the job id) and Lightning resumes from it. Written instead of Lightning's own handler, which
+    saves inside the signal handler on each rank: a save waits for every rank, so ranks signalled at different
+    points of a step waited for each other until the hang watchdog ended the job.
+
+    Args:
+        signum: the signal SLURM is told to send.
+    """
+
+    def __init__(self, signum: int = signal.SIGUSR1) -> None:
+        self.signum = signum
+        self.requested = False
+        self.active = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and os.environ.get("SLURM_JOB_ID") and threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._note)
+            self.active = True
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self.active:
+            return
+        requested = self.requested
+        if trainer.world_size > 1:  # every rank takes part, every step, so the decision is the same everywhere
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
+            return
+        trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        if trainer.is_global_zero:
+            job = os.environ["SLURM_JOB_ID"]
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            print(f"Saved an hpc checkpoint in {trainer.default_root_dir}; scontrol requeue {job}: "
+                  f"{'done' if done.returncode == 0 else done.stderr.strip() or done.returncode}")  # fmt: skip
+        raise SIGTERMException()  # stop as a pre-empted run does (status 143)

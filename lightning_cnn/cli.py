@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import warnings
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import ArgumentError, DefaultHelpFormatter, Namespace
+from jsonargparse import ArgumentError, DefaultHelpFormatter
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn import __version__
@@ -25,18 +24,27 @@ from lightning_cnn.callbacks import (
     PredictionCSVWriter,
     RNGState,
     ShareRunFolder,
+    SlurmRequeue,
     StopOnNonFiniteLoss,
     TrainingDiverged,
 )
-from lightning_cnn.checkpoints import AtomicCheckpointIO, read_checkpoint
+from lightning_cnn.checkpoints import AtomicCheckpointIO
 from lightning_cnn.data import ResidentDataModule
-from lightning_cnn.errors import CheckpointError, ConfigError, UserError
+from lightning_cnn.errors import checkpoint_mismatch, one_line, user_error
 from lightning_cnn.experiments import resolve_config_args
-from lightning_cnn.hardware import choose_precision, compile_pays
 from lightning_cnn.loggers import SaveConfigToRun
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.reporting import RunReport
-from lightning_cnn.runs import CHECKPOINTS, RUN_ID_ENV, RunPlan, plan_run, point_latest, process_rank
+from lightning_cnn.runs import CHECKPOINTS, RUN_ID_ENV, point_latest
+from lightning_cnn.settings import (
+    CREATED,
+    check_checkpoint,
+    check_settings,
+    check_writable,
+    choose_hardware_settings,
+    discard_unstarted_runs,
+    place_run,
+)
 
 # Exit statuses, as the README documents them.
 EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
@@ -130,6 +138,8 @@ class CNNCLI(LightningCLI):
         """The trainer, writing checkpoints atomically in place unless the config names its own plugins."""
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+            if SLURMEnvironment.detect():  # SlurmRequeue handles the requeue signal in place of Lightning
+                kwargs["plugins"].append(SLURMEnvironment(auto_requeue=False))
         return super().instantiate_trainer(**kwargs)
 
     def _watch_start(self) -> None:
@@ -152,93 +162,6 @@ class CNNCLI(LightningCLI):
 
 class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the epilog's lines kept as written."""
-
-
-def choose_hardware_settings(config: Namespace) -> None:
-    """Fill in the precision (and whether to compile) this machine is best at, where the config leaves them unset.
-
-    Printed once (rank 0) and kept in the run's config.yaml, W&B config and summary.json.
-    """
-    trainer = config.trainer
-    if trainer.get("precision") is None:
-        choice = choose_precision(trainer.get("accelerator"))
-        if choice is not None:
-            trainer.precision = choice.precision
-            if process_rank() == 0:
-                print(f"Precision: {choice.precision} ({choice.reason}); --trainer.precision overrides it.")
-    model = config.get("model")
-    if model is not None and model.get("compile") is None:
-        model.compile = compile_pays(trainer.get("accelerator"))
-
-
-SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators accept
-
-
-def check_settings(config: Namespace) -> None:
-    """Refuse, in one line each, settings that Lightning or torch would accept silently or end in a traceback."""
-    seed = config.get("seed_everything")
-    if not isinstance(seed, bool) and isinstance(seed, int) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise ConfigError(f"seed_everything must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed}.")
-    max_epochs = config.trainer.get("max_epochs")
-    if max_epochs is not None and max_epochs < -1:
-        raise ConfigError(f"trainer.max_epochs must be a number of epochs (or -1: no limit), got {max_epochs}.")
-    optimizer = config.model.get("optimizer")
-    lr = optimizer.get("init_args", {}).get("lr") if isinstance(optimizer, Namespace) else None
-    if isinstance(lr, int | float) and lr <= 0:
-        raise ConfigError(f"model.optimizer.init_args.lr must be positive, got {lr}.")
-
-
-def place_run(subcommand: str, config: Namespace) -> RunPlan:
-    """Give the command its run folder: the trainer's root, the checkpoints and the W&B run all go there.
-
-    The experiment folder is ``--trainer.default_root_dir`` when given (as Lightning's own root for its
-    ``version_N`` folders), else ``runs/<experiment>``; the run folder is a new one inside it, or the run a
-    ``fit`` resumes. An explicit ``--checkpoint.dirpath`` still wins for the checkpoints.
-    """
-    experiment = config.get("experiment") or _first_config_stem(config) or "lightning_cnn"
-    config.experiment = experiment
-    trainer = config.trainer
-    experiment_dir = Path(trainer.default_root_dir or Path("runs") / experiment)
-    run = plan_run(subcommand, experiment_dir, config.get("ckpt_path"), process_rank())
-    config.ckpt_path = run.ckpt_path
-    trainer.default_root_dir = str(run.folder)
-    if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
-        config.checkpoint.dirpath = str(run.folder / CHECKPOINTS)
-        config.last_checkpoint.dirpath = config.checkpoint.dirpath
-    for logger in _logger_configs(trainer.get("logger")):
-        if str(logger.get("class_path", "")).endswith("WandbLogger"):
-            init = logger.init_args if logger.get("init_args") is not None else Namespace()
-            logger.init_args = init
-            init.save_dir = str(run.folder)
-            init.name = init.get("name") or experiment
-            init.id = run.folder.name  # the run id is the W&B id: a resumed run continues its W&B run
-            init.resume = "allow" if run.resumed else None
-    if run.created:
-        os.environ[RUN_ID_ENV] = run.folder.name  # the processes Lightning starts for DDP join this run
-        _CREATED.append(run.folder)
-    return run
-
-
-_CREATED: list[Path] = []  # run folders this process created, removed again if the run fails before a checkpoint
-
-
-def _discard_unstarted_runs() -> None:
-    """Remove the run folders of this process that hold no checkpoint: a run that failed before training leaves
-    nothing for a resume, the latest pointer or ``compare`` to pick up."""
-    while _CREATED:
-        folder = _CREATED.pop()
-        if folder.is_dir() and not any(folder.rglob("*.ckpt")):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _logger_configs(value: Any) -> list[Namespace]:
-    values = value if isinstance(value, list) else [value]
-    return [v for v in values if isinstance(v, Namespace)]
-
-
-def _first_config_stem(config: Namespace) -> str | None:
-    files = config.get("config") or []
-    return Path(str(files[0])).stem if files else None
 
 
 def main(args: list[str] | None = None) -> int:
@@ -290,7 +213,14 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
             save_config_callback=SaveConfigToRun,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "callbacks": [ShareRunFolder(), RNGState(), StopOnNonFiniteLoss(), InterruptCheckpoint(), RunReport()]
+                "callbacks": [
+                    ShareRunFolder(),
+                    RNGState(),
+                    StopOnNonFiniteLoss(),
+                    InterruptCheckpoint(),
+                    SlurmRequeue(),
+                    RunReport(),
+                ]
             },
             # exit_on_error=False: a mistake becomes one line below instead of ~90 lines of usage first
             parser_kwargs={
@@ -302,84 +232,15 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
             args=resolve_config_args(argv),
         )
     except Exception as err:
-        _discard_unstarted_runs()
-        cause = _user_error(err) or _checkpoint_mismatch(err, argv)
+        discard_unstarted_runs()
+        cause = user_error(err) or checkpoint_mismatch(err, argv)
         if cause is None:
             raise
         subcommand = next((a for a in argv if a in CNNCLI.subcommands()), None)
         hint = f" See lightning-cnn {subcommand} --help" if isinstance(cause, ArgumentError) and subcommand else ""
-        print(f"lightning-cnn: error: {_one_line(cause)}{hint}", file=sys.stderr)
+        print(f"lightning-cnn: error: {one_line(cause)}{hint}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED if isinstance(cause, TrainingDiverged) else EXIT_BAD_INPUT) from None
     finally:
-        _CREATED.clear()
+        CREATED.clear()
         if created_run:
             os.environ.pop(RUN_ID_ENV, None)
-
-
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be written there, or raise a ConfigError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"Cannot write to the output folder {folder} ({err.strerror or err}). Choose a writable place with "
-            "--trainer.default_root_dir and --checkpoint.dirpath."
-        ) from err
-
-
-def check_checkpoint(path: Path) -> None:
-    """Raise a CheckpointError unless ``path`` is a complete checkpoint that loads with ``weights_only=True``."""
-    state = read_checkpoint(
-        path,
-        "--ckpt_path",
-        missing_hint="Pass a .ckpt file, or 'last' to resume.",
-        unreadable_hint="Resume from another file (e.g. best.ckpt or last.ckpt beside it).",
-    )
-    if "state_dict" not in state:
-        raise CheckpointError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict).")
-
-
-# Lines of jsonargparse's nested messages that say nothing the user can act on.
-_PARSER_NOISE = (
-    "Subtypes:",
-    "Errors:",
-    "Given value type",
-    "Given value: NestedArg",
-    "Does not validate against any",
-    "Expected a <class 'NoneType'>",
-)
-
-
-def _checkpoint_mismatch(err: BaseException, argv: list[str]) -> CheckpointError | None:
-    """A checkpoint of another architecture or class count: torch's size-mismatch error, as one line."""
-    message = str(err)
-    if not (isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in message):
-        return None
-    details = [line.strip() for line in message.splitlines()[1:] if line.strip()]
-    named = next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
-    named = named or next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ckpt_path"), "the checkpoint")
-    return CheckpointError(
-        f"--ckpt_path {named} does not fit the configured model ({details[0] if details else message[:200]}). "
-        "Use the config the checkpoint was trained with."
-    )
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
-    return " ".join(line for line in lines if line and not line.startswith(_PARSER_NOISE)).rstrip(".") + "."
-
-
-def _user_error(err: BaseException | None) -> UserError | ArgumentError | None:
-    """The UserError behind ``err`` (jsonargparse wraps errors raised while it instantiates classes), else the
-    parser's own ArgumentError."""
-    seen, parse_error = set(), None
-    while err is not None and id(err) not in seen:
-        if isinstance(err, UserError):
-            return err
-        if isinstance(err, ArgumentError) and parse_error is None:
-            parse_error = err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return parse_error

@@ -99,6 +99,7 @@ def test_two_runs_of_one_config_started_together_get_two_folders(data: Path, cwd
     assert len(runs) == 2 and all((r / "checkpoints/best.ckpt").is_file() for r in runs)
 
 
+@pytest.mark.slow  # in-process, test_cli runs every phase-2 config through a latest pointer
 def test_phase2_takes_phase1_through_the_latest_pointer(data: Path, cwd: Path) -> None:
     common = [f"--data.data_dir={data / 'cifar10'}", *QUICK, "--trainer.logger=false"]
     assert cli(cwd, "fit", "--config", "split_cifar10_phase1", *common).returncode == 0
@@ -110,6 +111,7 @@ def test_phase2_takes_phase1_through_the_latest_pointer(data: Path, cwd: Path) -
     assert backbone and all(torch.equal(phase1["state_dict"][k], phase2["state_dict"][k]) for k in backbone)
 
 
+@pytest.mark.slow  # in-process, test_cli parses every sweep parameter as W&B writes it
 def test_a_sweep_trial_runs_as_the_wandb_agent_starts_it(data: Path, cwd: Path) -> None:
     sweep = yaml.safe_load((CONFIG_DIR / "sweeps" / "cifar10_dropout.yaml").read_text())
     picks = {k: (v["values"][0] if "values" in v else v["min"]) for k, v in sweep["parameters"].items()}
