@@ -21,6 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn.errors import UserError
+from lightning_cnn.runs import slurm_job_id
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -238,7 +239,7 @@ class SlurmRequeue(Callback):
         self.active = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and os.environ.get("SLURM_JOB_ID") and threading.current_thread() is threading.main_thread():
+        if stage == "fit" and slurm_job_id() and threading.current_thread() is threading.main_thread():
             signal.signal(self.signum, self._note)
             self.active = True
 
@@ -255,9 +256,7 @@ class SlurmRequeue(Callback):
             return
         trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         if trainer.is_global_zero:
-            job = os.environ["SLURM_JOB_ID"]
-            if os.environ.get("SLURM_ARRAY_JOB_ID"):
-                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+            job = str(slurm_job_id())
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             print(f"Saved an hpc checkpoint in {trainer.default_root_dir}; scontrol requeue {job}: "
                   f"{'done' if done.returncode == 0 else done.stderr.strip() or done.returncode}")  # fmt: skip

@@ -35,7 +35,7 @@ from lightning_cnn.experiments import resolve_config_args
 from lightning_cnn.loggers import SaveConfigToRun
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.reporting import RunReport
-from lightning_cnn.runs import CHECKPOINTS, RUN_ID_ENV, point_latest
+from lightning_cnn.runs import CHECKPOINTS, CKPT_KEYWORDS, RUN_ID_ENV, point_latest
 from lightning_cnn.settings import (
     CREATED,
     check_checkpoint,
@@ -111,7 +111,7 @@ class CNNCLI(LightningCLI):
         choose_hardware_settings(config)
         # Before LightningCLI itself opens --ckpt_path (for its hyperparameters) with an opaque error.
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_dir():
+        if ckpt_path and ckpt_path not in CKPT_KEYWORDS and not Path(ckpt_path).is_dir():
             check_checkpoint(Path(ckpt_path))
         self.run = place_run(subcommand, config)
 

@@ -27,6 +27,8 @@ LATEST = "latest"
 CHECKPOINTS = "checkpoints"
 # Set by rank 0 for the processes Lightning starts for DDP, so they write into rank 0's run folder.
 RUN_ID_ENV = "LIGHTNING_CNN_RUN_ID"
+# --ckpt_path values Lightning resolves itself; anything else is a path
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 def process_rank() -> int:
@@ -77,19 +79,25 @@ def create_run_folder(experiment_dir: Path, run_id: str | None = None, exact: bo
     raise ConfigError(f"Could not find a free run id under {experiment_dir}.")  # 20 collisions of 2^24 ids
 
 
+def slurm_job_id() -> str | None:
+    """The SLURM job this process belongs to, as ``scontrol`` names it (``<array job>_<task>`` for arrays)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if job and array:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return job
+
+
 def slurm_run_id(experiment_dir: Path) -> str | None:
     """The run id of a SLURM job: the same for all its tasks and after a requeue, different per experiment.
 
-    ``slurm-<job id>-<6 hex digits of the experiment folder>``: Lightning's auto-requeue reruns the same command
-    under the same job id, and finds its ``hpc_ckpt_*.ckpt`` in this folder. The experiment part keeps the W&B
-    run ids of two experiments trained in one job apart.
+    ``slurm-<job id>-<6 hex digits of the experiment folder>``: a requeued job reruns the same command under
+    the same job id, and finds the ``hpc_ckpt_*.ckpt`` that :class:`SlurmRequeue` saved in this folder. The
+    experiment part keeps the W&B run ids of two experiments trained in one job apart.
     """
-    job = os.environ.get("SLURM_JOB_ID")
+    job = slurm_job_id()
     if not job:
         return None
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
     where = hashlib.sha1(str(experiment_dir.resolve()).encode()).hexdigest()[:6]
     return f"slurm-{job}-{where}"
 
@@ -104,10 +112,6 @@ def run_folders(experiment_dir: Path) -> list[Path]:
 def run_folder_of(checkpoint: Path) -> Path | None:
     """The run folder a checkpoint file lies in (``<run>/checkpoints/x.ckpt``), or ``None``."""
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
-
-
-def is_run_folder(path: Path) -> bool:
-    return path.is_dir() and (path / CHECKPOINTS).is_dir()
 
 
 def newest_resumable(*runs: Path) -> Path | None:
@@ -171,7 +175,7 @@ def plan_run(subcommand: str, experiment_dir: Path, ckpt_path: str | None, rank:
     launchers that start every rank themselves, from rank 0 at set-up (see ``ShareRunFolder``).
     """
     folder: Path | None = None
-    if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).is_dir():
+    if ckpt_path is not None and ckpt_path not in CKPT_KEYWORDS and Path(ckpt_path).is_dir():
         run = Path(ckpt_path).resolve()
         if subcommand == "fit":
             last = newest_resumable(run)
@@ -199,7 +203,7 @@ def plan_run(subcommand: str, experiment_dir: Path, ckpt_path: str | None, rank:
         return RunPlan(experiment_dir / shared, ckpt_path)
     slurm = slurm_run_id(experiment_dir)
     if slurm and subcommand == "fit" and list((experiment_dir / slurm).glob("hpc_ckpt_*.ckpt")):
-        # a requeued SLURM job: Lightning resumes from the hpc checkpoint it saved there on SIGUSR1
+        # a requeued SLURM job: Lightning resumes from the hpc checkpoint SlurmRequeue saved there
         return RunPlan(experiment_dir / slurm, ckpt_path, resumed=True)
     if rank != 0:  # a placeholder, replaced by rank 0's folder at set-up; nothing is created here
         return RunPlan(experiment_dir / f".rank-{rank}-pending", ckpt_path)
