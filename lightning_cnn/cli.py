@@ -32,7 +32,7 @@ from lightning_cnn.checkpoints import AtomicCheckpointIO
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import checkpoint_mismatch, one_line, user_error
 from lightning_cnn.experiments import resolve_config_args
-from lightning_cnn.loggers import SaveConfigToRun
+from lightning_cnn.loggers import SaveConfigToRun, current_wandb_run, finish_wandb_run_started_since
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.reporting import RunReport
 from lightning_cnn.runs import CHECKPOINTS, CKPT_KEYWORDS, RUN_ID_ENV, point_latest
@@ -192,6 +192,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
     # stays as it is, since Lightning's DDP launcher starts the other processes from it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     created_run = RUN_ID_ENV not in os.environ
+    wandb_run_before, failed = current_wandb_run(), True
     try:
         if argv[:1] == ["compare"]:  # not a Trainer method, so not a LightningCLI subcommand
             from lightning_cnn.compare import main as compare
@@ -206,7 +207,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
         if argv[:1] == ["--version"]:
             print(f"lightning-cnn {__version__}")
             return None
-        return CNNCLI(
+        cli = CNNCLI(
             ImageClassifier,
             ResidentDataModule,
             subclass_mode_data=True,
@@ -231,6 +232,8 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
             },
             args=resolve_config_args(argv),
         )
+        failed = False
+        return cli
     except Exception as err:
         discard_unstarted_runs()
         cause = user_error(err) or checkpoint_mismatch(err, argv)
@@ -241,6 +244,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
         print(f"lightning-cnn: error: {one_line(cause)}{hint}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED if isinstance(cause, TrainingDiverged) else EXIT_BAD_INPUT) from None
     finally:
+        finish_wandb_run_started_since(wandb_run_before, failed)
         CREATED.clear()
         if created_run:
             os.environ.pop(RUN_ID_ENV, None)

@@ -75,6 +75,10 @@ class WandbLogger(LightningWandbLogger):
             Path(save_dir).mkdir(parents=True, exist_ok=True)
         if resume is not None:
             kwargs["resume"] = resume
+        mode = "offline" if offline else os.environ.get("WANDB_MODE")
+        if mode and "mode" not in kwargs:
+            # W&B reads WANDB_MODE once per process; given per run, each in-process run obeys it as a new process would
+            kwargs["mode"] = mode
         if not offline and "settings" not in kwargs and not os.environ.get("WANDB_INIT_TIMEOUT"):
             import wandb
 
@@ -130,6 +134,23 @@ class SaveConfigToRun(SaveConfigCallback):
                 experiment = logger.experiment
                 experiment.config.update(self.config.as_dict(), allow_val_change=True)
                 experiment.save(str(config_path), base_path=str(config_path.parent), policy="now")
+
+
+def current_wandb_run() -> Any:
+    """The process's W&B run (``wandb.run``), without importing wandb when nothing has."""
+    wandb = sys.modules.get("wandb")
+    return None if wandb is None else wandb.run
+
+
+def finish_wandb_run_started_since(before: Any, failed: bool) -> None:
+    """Finish the W&B run this command started, as the end of the ``lightning-cnn`` process would.
+
+    Lightning's ``WandbLogger`` reuses ``wandb.run`` when one exists, so a run left open by one in-process call
+    would swallow the next call's logging. A run the caller had started before (``before``) is left to them.
+    """
+    after = current_wandb_run()
+    if after is not None and after is not before:
+        after.finish(exit_code=1 if failed else 0)
 
 
 def _disabled() -> bool:

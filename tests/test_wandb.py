@@ -26,12 +26,9 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def _fit(root: Path) -> None:
-    import wandb
-
     main(["fit", "--config", str(CONFIGS / "split_cifar10_phase1.yaml"), f"--data.data_dir={root}",
           "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1",
           "--trainer.enable_progress_bar=false", "--data.batch_size=10"])  # fmt: skip
-    wandb.finish()  # what the end of the `lightning-cnn` process does
 
 
 def test_offline_run_records_config_history_and_test_pictures(offline: Path, tmp_path: Path) -> None:
@@ -59,6 +56,25 @@ def test_offline_run_records_config_history_and_test_pictures(offline: Path, tmp
     assert (tmp_path / "runs/split_cifar10_phase1/latest/config.yaml").is_file()
     # the W&B run id is the run folder's name, so resuming the run continues this W&B run
     assert runs[0].name.endswith((tmp_path / "runs/split_cifar10_phase1/latest").resolve().name)
+
+
+def test_each_in_process_run_finishes_its_wandb_run(offline: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's WandbLogger reuses an open ``wandb.run``: a run left open would swallow the next run's logging."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    _fit(offline)  # a disabled run leaves a stand-in run object behind unless it is finished
+    assert wandb.run is None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _fit(offline)
+    (run,) = (tmp_path / "runs/split_cifar10_phase1/latest/wandb").glob("offline-run-*")
+    assert "model" in read_run(run)["config"] and wandb.run is None
+    with wandb.init(mode="offline", dir=tmp_path / "mine", project="mine") as mine:  # a caller's own run, e.g.
+        _fit(offline)  # a sweep agent's function: Lightning logs into it and it is left open for its owner
+        assert wandb.run is mine
+    (run,) = (tmp_path / "mine/wandb").glob("offline-run-*")
+    assert "model" in read_run(run)["config"]
 
 
 def test_two_runs_in_a_row_and_no_api_key_in_any_file(offline: Path, tmp_path: Path) -> None:
@@ -147,15 +163,11 @@ def test_compare_explains_a_wandb_run_it_cannot_reach(
 
 
 def test_a_resumed_run_continues_its_wandb_run_in_its_own_folder(offline: Path, tmp_path: Path) -> None:
-    import wandb
-
     args = ["fit", "--config", "split_cifar10_phase1", f"--data.data_dir={offline}", "--trainer.limit_train_batches=2",
             "--trainer.enable_progress_bar=false", "--data.batch_size=10", "--test_after_fit=false"]  # fmt: skip
     main([*args, "--trainer.max_epochs=1"])
-    wandb.finish()
     time.sleep(1.1)  # W&B names a run's offline folders by the second: a resume in the same second shares one
     main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
-    wandb.finish()
     (run,) = [p for p in (tmp_path / "runs/split_cifar10_phase1").iterdir() if not p.is_symlink()]
     parts = sorted((run / "wandb").glob("offline-run-*"))
     assert len(parts) == 2 and all(p.name.endswith(f"-{run.name}") for p in parts)  # one W&B run id, two parts
