@@ -58,8 +58,9 @@ def test_offline_run_records_config_history_and_test_pictures(offline: Path, tmp
     assert runs[0].name.endswith((tmp_path / "runs/split_cifar10_phase1/latest").resolve().name)
 
 
-def test_each_in_process_run_finishes_its_wandb_run(offline: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_in_process_run_finishes_its_wandb_run(
+    offline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Lightning's WandbLogger reuses an open ``wandb.run``: a run left open would swallow the next run's logging."""
     import wandb
 
