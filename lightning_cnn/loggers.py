@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_cnn.runs import process_rank
+from lightning_cnn.runs import process_rank, run_folder_of
 
 INIT_TIMEOUT = 30  # seconds W&B may try to reach its server before the run goes on offline
 
@@ -47,6 +49,9 @@ class WandbLogger(LightningWandbLogger):
         offline: force offline; ``None`` decides as above.
         id: the W&B run id (the CLI uses the run folder's name, so a resumed run continues its W&B run).
         resume: W&B's resume policy (the CLI sets ``"allow"`` when it resumes a run).
+        checkpoint_artifacts: when a fit succeeds, log the run's best and last checkpoints as versions of the
+            model artifact ``model-<run id>`` (aliases ``best`` and ``latest``), not every epoch's. Lightning's
+            ``log_model=True`` takes whichever checkpoint callback saved last, which here is the last-epoch one.
         **kwargs: passed on to Lightning's ``WandbLogger`` and ``wandb.init``.
     """
 
@@ -61,6 +66,7 @@ class WandbLogger(LightningWandbLogger):
         offline: bool | None = None,
         id: str | None = None,
         resume: str | None = None,
+        checkpoint_artifacts: bool = False,
         **kwargs: Any,
     ) -> None:
         # Absolute: wandb's service process outlives a run and resolves relative paths against its own cwd.
@@ -88,6 +94,30 @@ class WandbLogger(LightningWandbLogger):
             project=project, name=name, group=group, job_type=job_type, tags=tags, save_dir=save_dir,
             offline=offline, id=id, **kwargs,
         )  # fmt: skip
+        self.checkpoint_artifacts = checkpoint_artifacts
+        self._checkpoint_dir: Path | None = None
+        self._artifacts_logged = False
+
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        if not self.checkpoint_artifacts:
+            super().after_save_checkpoint(checkpoint_callback)
+        elif checkpoint_callback.dirpath:
+            self._checkpoint_dir = Path(checkpoint_callback.dirpath)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if status != "success" or self._checkpoint_dir is None or self._artifacts_logged or _disabled():
+            return
+        import wandb
+
+        for file, aliases in (("best.ckpt", ["best"]), ("last.ckpt", ["latest"])):
+            path = self._checkpoint_dir / file
+            if path.is_file():
+                artifact = wandb.Artifact(f"model-{self.experiment.id}", type="model", metadata={"file": file})
+                artifact.add_file(str(path), name="model.ckpt")  # Lightning's name, so both conventions match
+                self.experiment.log_artifact(artifact, aliases=aliases)
+        self._artifacts_logged = True
 
     @property
     @rank_zero_experiment
@@ -108,6 +138,39 @@ class WandbLogger(LightningWandbLogger):
             self._wandb_init["mode"] = "offline"
             self._wandb_init.pop("settings", None)
             return LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+
+
+def checkpoint_artifact(checkpoint: str | Path) -> str | None:
+    """The W&B artifact reference of a run's checkpoint (``model-<run id>:best`` or ``:latest``), if it is one."""
+    path = Path(checkpoint)
+    run = run_folder_of(path)
+    if run is None or path.name not in ("best.ckpt", "last.ckpt"):
+        return None
+    return f"model-{run.name}:{'best' if path.name == 'best.ckpt' else 'latest'}"
+
+
+class UseCheckpointArtifact(L.Callback):
+    """Declares in the W&B run that this run starts from another run's checkpoint, for W&B's lineage graph.
+
+    For a :class:`TransferNet` built from ``runs/<phase 1>/<run id>/checkpoints/best.ckpt`` (logged by that run
+    with ``checkpoint_artifacts: true``), this run *uses* ``model-<run id>:best``. W&B refuses to use an
+    artifact in an offline run, so an offline run records the reference in its config (``uses_artifact``)
+    instead; ``lightning-cnn study`` lists those references in ``study.json``.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning_cnn.models import ImageClassifier, TransferNet
+
+        network = pl_module.network if isinstance(pl_module, ImageClassifier) else None
+        reference = checkpoint_artifact(network.checkpoint_path) if isinstance(network, TransferNet) else None
+        if reference is None or not trainer.is_global_zero or _disabled():
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, LightningWandbLogger):
+                run = logger.experiment
+                run.config.update({"uses_artifact": reference}, allow_val_change=True)
+                if not run.settings._offline:
+                    logger.use_artifact(reference, artifact_type="model")
 
 
 class SaveConfigToRun(SaveConfigCallback):
