@@ -53,6 +53,7 @@ EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a shell reports for a process ende
 OTHER_COMMANDS = """other commands:
   compare RUN [RUN ...]  table and validation curves of runs (lightning-cnn compare --help)
   experiments            list the shipped experiment configs (lightning-cnn fit --config NAME)
+  study TARGET           a protocol or config over seeds, as mean ± std (lightning-cnn study --help)
 
 Exit status: 0 success, 2 bad input, 3 training diverged, 143 interrupted (SIGTERM; resume with
 --ckpt_path last), 1 anything else."""
@@ -73,6 +74,12 @@ class CNNCLI(LightningCLI):
             type=str | None,
             default=None,
             help="Name of the experiment; its runs go to runs/<experiment>/<run id>/ (default: the config's name).",
+        )
+        parser.add_argument(
+            "--run_id",
+            type=str | None,
+            default=None,
+            help="Name of the run folder and W&B run id (default: start time and random digits); it must be new.",
         )
         for source, target in (("num_classes", "num_classes"), ("input_shape", "input_shape")):
             parser.link_arguments(f"data.{source}", f"model.network.init_args.{target}", apply_on="instantiate")
@@ -198,6 +205,12 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
             from lightning_cnn.compare import main as compare
 
             compare(argv[1:])
+            return None
+        if argv[:1] == ["study"]:  # runs fit commands in this process, one per seed and phase
+            from lightning_cnn.study import main as study
+
+            study(argv[1:])
+            failed = False
             return None
         if argv[:1] == ["experiments"]:
             from lightning_cnn.experiments import print_experiments

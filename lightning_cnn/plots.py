@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -101,6 +102,60 @@ def plot_test_samples(
         ax.set_title(f"{name(p)}\n({name(t)})", fontsize=7, color="black" if p == t else "red")
     for ax in axes.flat:
         ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_study(result: dict[str, Any], runs: dict[int, dict[str, dict[str, Any]]], path: Path) -> None:
+    """A study's picture: the accuracy matrix of each phase-2 method as a heatmap (mean over seeds) and the
+    validation curves with a band of ± one std over seeds; for a single-config study, its curve alone."""
+    seeds = result["seeds"]
+    keys = [k for k in next(iter(runs.values())) if k != "phase1"]
+    matrices = result["target"] == "split_cifar10"
+    fig, axes = plt.subplots(
+        1, len(keys) + 1 if matrices else 1, figsize=(4.2 * (len(keys) + 1), 4) if matrices else (7, 4.5)
+    )
+    axes = list(axes) if matrices else [axes]
+    if matrices:
+        for ax, key in zip(axes, keys, strict=False):
+            cells = result["mean_std"][key]["accuracy_matrix"]
+            grid = [[c["mean"] * 100 if c["mean"] is not None else float("nan") for c in row] for row in cells]
+            ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+            for i, row in enumerate(cells):
+                for j, c in enumerate(row):
+                    text = "n/a" if c["mean"] is None else f"{c['mean'] * 100:.1f}\n± {c['std'] * 100:.1f}"
+                    ax.text(
+                        j,
+                        i,
+                        text,
+                        ha="center",
+                        va="center",
+                        color="white" if c["mean"] is None or c["mean"] < 0.6 else "black",
+                    )
+            ax.set_xticks([0, 1], ["phase 1 classes", "phase 2 classes"])
+            ax.set_yticks([0, 1], ["after phase 1", "after phase 2"])
+            ax.set_title(key)
+    ax = axes[-1]
+    for key in keys:
+        curves = [
+            [(row["epoch"] + 1, row["val/acc"]) for row in runs[s][key]["history"] if "val/acc" in row] for s in seeds
+        ]
+        length = min((len(c) for c in curves), default=0)
+        if not length:
+            continue
+        epochs = [curves[0][i][0] for i in range(length)]
+        values = torch.tensor([[c[i][1] * 100 for i in range(length)] for c in curves])
+        mean = values.mean(dim=0)
+        std = values.std(dim=0) if len(curves) > 1 else torch.zeros_like(mean)
+        ax.plot(epochs, mean, "-o", markersize=3, label=key)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.25)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val acc (%), mean ± std over seeds")
+    ax.set_title("phase 2" if matrices else Path(result["target"]).stem)
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

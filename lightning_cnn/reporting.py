@@ -124,6 +124,7 @@ class RunReport(L.Callback):
         self._epoch_start = None
         metrics = trainer.callback_metrics
         row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step), **self._val}
+        row["train_seconds"] = round(self._train_seconds, 3)  # so far: when a study's runs reached an accuracy
         for key in ("train/loss_epoch", "train/acc"):
             if key in metrics:
                 row[key.replace("_epoch", "")] = _float(metrics[key])
@@ -223,3 +224,22 @@ def _read_summary(folder: Path) -> dict[str, Any]:
         return dict(json.loads((folder / SUMMARY).read_text()))
     except (OSError, ValueError):
         return {"run": folder.name}
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    """A run folder's ``summary.json``; a missing or damaged one stops with one line."""
+    from lightning_cnn.errors import UserError
+
+    try:
+        return dict(json.loads((folder / SUMMARY).read_text()))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{folder / SUMMARY} cannot be read ({err}); is {folder} a finished run?") from err
+
+
+def read_history(folder: Path) -> list[dict[str, float]]:
+    """A run folder's ``history.csv`` as rows of numbers (empty cells left out); none when it has no file."""
+    try:
+        with open(folder / HISTORY, newline="") as f:
+            return [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        return []

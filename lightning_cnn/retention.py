@@ -10,11 +10,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_cnn.data.split_cifar import SplitCIFAR10DataModule
 from lightning_cnn.errors import CheckpointError, ConfigError
-from lightning_cnn.models.classifier import output_features
 from lightning_cnn.models.networks import CIFARCNN
 from lightning_cnn.models.transfer import load_network_state
 
@@ -24,7 +22,8 @@ class PhaseOneRetention(Callback):
 
     The phase-1 network (its trained head included) comes from the phase-1 checkpoint; its backbone gets the
     weights the phase-2 run ends with, and it is tested on the phase-1 test images. The accuracy is logged as
-    ``test/phase1_acc`` (and lands in the run's ``summary.json``, its W&B run and ``lightning-cnn compare``).
+    ``test/phase1_acc``, the phase-1 network's own, computed the same way, as ``test/phase1_acc_before``
+    (both land in the run's ``summary.json``, its W&B run and ``lightning-cnn compare``).
     A frozen transfer backbone keeps the phase-1 figure exactly: one backbone then serves both phases with two
     small heads. A fine-tuned backbone shows how much of phase 1 was forgotten.
 
@@ -64,23 +63,59 @@ class PhaseOneRetention(Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self.phase1_network is not None  # set up in setup()
-        network = copy.deepcopy(self.phase1_network).to(pl_module.device).eval()
-        backbone = cast(nn.Module, cast(nn.Module, pl_module.network).backbone)
-        cast(nn.Module, network.backbone).load_state_dict(backbone.state_dict())
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
-        # The run's data settings with phase 1 swapped in; LightningCLI adds a "_class_path" entry to drop.
-        settings = {k: v for k, v in datamodule.hparams.items() if not k.startswith("_")}
-        phase1 = type(datamodule)(**{**settings, "phase": 1, "data_on_device": False})
-        phase1.setup("test")
-        preds, labels = [], []
-        with torch.inference_mode():
-            for images, target in phase1.test_dataloader():
-                x, y = phase1.on_after_batch_transfer((images.to(pl_module.device), target.to(pl_module.device)), 0)
-                preds.append(network(x).argmax(dim=1))
-                labels.append(y)
-        accuracy = multiclass_accuracy(torch.cat(preds), torch.cat(labels), output_features(network), average="micro")
-        # Every process computes the same figure over the whole phase-1 test set, so no reduction is needed.
-        pl_module.log("test/phase1_acc", accuracy)
+        before = copy.deepcopy(self.phase1_network).to(pl_module.device).eval()
+        after = copy.deepcopy(before)
+        backbone = cast(nn.Module, cast(nn.Module, pl_module.network).backbone)
+        cast(nn.Module, after.backbone).load_state_dict(backbone.state_dict())
+        # Both by the same computation, so a backbone phase 2 left unchanged shows exactly zero forgetting.
+        # Every process computes the same figures over the whole phase-1 test set, so no reduction is needed.
+        for key, network in (("test/phase1_acc_before", before), ("test/phase1_acc", after)):
+            correct, total = _test_counts(network, datamodule, 1, pl_module.device)
+            pl_module.log(key, correct / total)
+
+
+class ClassIncrementalAccuracy(Callback):
+    """After a split CIFAR-10 phase-2 test, the model's accuracy on the test images of both phases' classes.
+
+    The class-incremental figure of the transfer study: one head, no task identity, all ten classes. It needs
+    the assignment's label policy (labels kept, so the phase-2 head has an output for every class of both
+    phases); with ``remap_labels`` the phases share outputs and the figure is not defined, so none is logged.
+    Logged as ``test/all_classes_acc``.
+
+    Raises:
+        ConfigError: the run is not split CIFAR-10 phase 2.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if not isinstance(datamodule, SplitCIFAR10DataModule) or datamodule.phase != 2:
+            raise ConfigError("ClassIncrementalAccuracy needs a SplitCIFAR10DataModule with phase: 2 as its data.")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if datamodule.remap_labels:
+            return
+        network = cast(nn.Module, pl_module.network).eval()
+        counts = [_test_counts(network, datamodule, phase, pl_module.device) for phase in (1, 2)]
+        pl_module.log("test/all_classes_acc", sum(c for c, _ in counts) / sum(n for _, n in counts))
+
+
+def _test_counts(
+    network: nn.Module, datamodule: SplitCIFAR10DataModule, phase: int, device: torch.device
+) -> tuple[int, int]:
+    """Correct predictions of ``network`` on the test images of one phase of the run's split, and their count."""
+    # The run's data settings with the phase swapped in; LightningCLI adds a "_class_path" entry to drop.
+    settings = {k: v for k, v in datamodule.hparams.items() if not k.startswith("_")}
+    data = type(datamodule)(**{**settings, "phase": phase, "data_on_device": False})
+    data.setup("test")
+    correct, total = 0, 0
+    with torch.inference_mode():
+        for batch in data.test_dataloader():  # evaluation batches: (images, labels)
+            x, y = data.on_after_batch_transfer(tuple(t.to(device) for t in batch), 0)
+            correct += int((network(x).argmax(dim=1) == y).sum())
+            total += len(y)
+    return correct, total
 
 
 def _head_outputs(state: dict[str, torch.Tensor], path: str) -> int:

@@ -68,8 +68,8 @@ def create_run_folder(experiment_dir: Path, run_id: str | None = None, exact: bo
         except FileExistsError:
             if exact:
                 raise ConfigError(
-                    f"The run folder {folder} exists already. Resume it with --ckpt_path {folder}, or unset "
-                    "WANDB_RUN_ID to start a new run."
+                    f"The run folder {folder} exists already. Resume it with --ckpt_path {folder}, or choose "
+                    "another --run_id (or unset WANDB_RUN_ID) to start a new run."
                 ) from None
         except OSError as err:
             raise ConfigError(
@@ -165,14 +165,17 @@ class RunPlan:
     created: bool = False
 
 
-def plan_run(subcommand: str, experiment_dir: Path, ckpt_path: str | None, rank: int) -> RunPlan:
+def plan_run(
+    subcommand: str, experiment_dir: Path, ckpt_path: str | None, rank: int, run_id: str | None = None
+) -> RunPlan:
     """Decide the run folder of ``subcommand`` and resolve ``ckpt_path`` (``last``, a run folder, a file).
 
     ``fit`` resumes in the folder of the run it continues (``--ckpt_path last``: the experiment's newest run with
     a loadable ``last*.ckpt``; a run folder; a checkpoint inside a run folder) and starts a new folder otherwise.
     ``validate``, ``test`` and ``predict`` always get a new folder; given a run folder (or ``latest``) they load
     its best checkpoint. Only rank 0 creates a folder; other ranks learn it from ``RUN_ID_ENV`` or, under
-    launchers that start every rank themselves, from rank 0 at set-up (see ``ShareRunFolder``).
+    launchers that start every rank themselves, from rank 0 at set-up (see ``ShareRunFolder``). A new run is
+    named ``run_id`` when given (``--run_id``, else a W&B sweep trial's ``WANDB_RUN_ID``), and that name must be new.
     """
     folder: Path | None = None
     if ckpt_path is not None and ckpt_path not in CKPT_KEYWORDS and Path(ckpt_path).is_dir():
@@ -207,7 +210,7 @@ def plan_run(subcommand: str, experiment_dir: Path, ckpt_path: str | None, rank:
         return RunPlan(experiment_dir / slurm, ckpt_path, resumed=True)
     if rank != 0:  # a placeholder, replaced by rank 0's folder at set-up; nothing is created here
         return RunPlan(experiment_dir / f".rank-{rank}-pending", ckpt_path)
-    sweep_trial = os.environ.get("WANDB_RUN_ID")
-    if sweep_trial:
-        return RunPlan(create_run_folder(experiment_dir, sweep_trial, exact=True), ckpt_path, created=True)
+    wanted = run_id or os.environ.get("WANDB_RUN_ID")
+    if wanted:
+        return RunPlan(create_run_folder(experiment_dir, wanted, exact=True), ckpt_path, created=True)
     return RunPlan(create_run_folder(experiment_dir, slurm), ckpt_path, created=True)

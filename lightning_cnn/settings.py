@@ -62,7 +62,7 @@ def place_run(subcommand: str, config: Namespace) -> RunPlan:
     config.experiment = experiment
     trainer = config.trainer
     experiment_dir = Path(trainer.default_root_dir or Path("runs") / experiment)
-    run = plan_run(subcommand, experiment_dir, config.get("ckpt_path"), process_rank())
+    run = plan_run(subcommand, experiment_dir, config.get("ckpt_path"), process_rank(), config.get("run_id"))
     config.ckpt_path = run.ckpt_path
     trainer.default_root_dir = str(run.folder)
     if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
