@@ -71,14 +71,3 @@ def test_a_non_editable_install_runs_a_shipped_experiment_by_name(dist: Path, tm
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = (work / "runs" / "mnist").iterdir()
     assert (run / "summary.json").is_file()
-
-
-def test_the_readme_is_a_front_door_whose_links_resolve() -> None:
-    import re
-
-    root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    assert len(readme.encode()) <= 12 * 1024
-    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
-        for target in re.findall(r"\]\(([^)#]+\.md)\)", page.read_text()):
-            assert (page.parent / target).is_file(), f"{page.name} links to {target}, which does not exist"

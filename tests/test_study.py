@@ -99,7 +99,7 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path: Path) -> None
     assert len(calls) == 3  # the interrupted run resumed from its checkpoint, then the two left
     assert any(a.startswith("--ckpt_path=") and a.endswith("-s1-transfer") for a in calls[0])
     assert all("--data.data_dir=x" in c for c in calls)
-    transfer = [c for c in calls if any("-s1-transfer" in a for a in c)][0]
+    transfer = next(c for c in calls if any("-s1-transfer" in a for a in c))
     phase1_best = f"{study}/runs/split_cifar10_phase1/{study.name}-s1-phase1/checkpoints/best.ckpt"
     assert f"--model.network.init_args.checkpoint_path={phase1_best}" in transfer  # its own seed's phase 1
     assert all(f"--trainer.logger.init_args.group=split_cifar10-{study.name}" in c for c in calls)
