@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -33,7 +34,7 @@ from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import checkpoint_mismatch, one_line, user_error
 from lightning_cnn.experiments import resolve_config_args
 from lightning_cnn.loggers import SaveConfigToRun, current_wandb_run, finish_wandb_run_started_since
-from lightning_cnn.models import ImageClassifier
+from lightning_cnn.models import ImageClassifier, TransferNet
 from lightning_cnn.reporting import RunReport
 from lightning_cnn.runs import CHECKPOINTS, CKPT_KEYWORDS, RUN_ID_ENV, point_latest
 from lightning_cnn.settings import (
@@ -125,6 +126,10 @@ class CNNCLI(LightningCLI):
     def before_fit(self) -> None:
         """Refuse, before any work, an output folder that cannot be written."""
         self._watch_start()
+        network = self.model.network if isinstance(self.model, ImageClassifier) else None
+        if isinstance(network, TransferNet) and network.backbone_frozen:
+            # the frozen backbone is in eval mode on purpose (TransferNet.train keeps it there)
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         if not self.trainer.is_global_zero:
             return
         folders: list[str | None] = [self.trainer.default_root_dir]
@@ -188,6 +193,37 @@ def main(args: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_third_party() -> None:
+    """Filter the libraries' messages a user of this CLI cannot act on; real warnings stay.
+
+    Lightning's advertisement for its hosted logger, its seed line (the seed is in the run's config), its
+    model-summary note that bf16 sizes are estimated in fp32, deprecations inside Lightning and jsonargparse
+    (their code, not ours), and LightningCLI's note about being called from Python (the console script
+    passes its argv on as ``args``).
+    """
+    for name, starts in (
+        ("lightning.pytorch.utilities.rank_zero", ("💡 Tip:",)),
+        ("lightning.fabric.utilities.seed", ("Seed set to",)),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(*starts))
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
+    jsonargparse = r".*(was deprecated in v4\.\d+|parameter was deprecated|per type is shown)"
+    warnings.filterwarnings("ignore", message=jsonargparse)
+
+
 def run(args: list[str] | None = None) -> CNNCLI | None:
     """Run the CLI in this process and return it (``None`` for commands that are not Trainer methods).
 
@@ -197,7 +233,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
     argv = sys.argv[1:] if args is None else list(args)
     # The console script passes its own argv on as args (configs named by their shipped name resolved); sys.argv
     # stays as it is, since Lightning's DDP launcher starts the other processes from it.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    quiet_third_party()
     created_run = RUN_ID_ENV not in os.environ
     wandb_run_before, failed = current_wandb_run(), True
     try:

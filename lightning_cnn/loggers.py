@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,8 @@ class WandbLogger(LightningWandbLogger):
             offline=offline, id=id, **kwargs,
         )  # fmt: skip
         self.checkpoint_artifacts = checkpoint_artifacts
+        # Lightning passes anonymous=None on, and wandb warns on every run that the setting has no effect
+        self._wandb_init.pop("anonymous", None)
         self._checkpoint_dir: Path | None = None
         self._artifacts_logged = False
 
@@ -191,12 +194,16 @@ class SaveConfigToRun(SaveConfigCallback):
         # Rank 0 only (Lightning calls this on global rank zero): no collective calls in here.
         config_path = Path(trainer.default_root_dir) / self.config_filename
         config_path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(config_path), skip_none=False, overwrite=True, multifile=self.multifile)
+        self.parser.save(self.config, str(config_path), skip_unset=False, overwrite=True, multifile=self.multifile)
         for logger in trainer.loggers:
             if isinstance(logger, LightningWandbLogger) and not _disabled():
                 experiment = logger.experiment
                 experiment.config.update(self.config.as_dict(), allow_val_change=True)
-                experiment.save(str(config_path), base_path=str(config_path.parent), policy="now")
+                # A copy inside the W&B run folder (saving a file from outside it makes W&B warn on every run),
+                # under a name of its own: W&B keeps its run config in files/config.yaml
+                inside = Path(experiment.dir) / "lightning_cnn_config.yaml"
+                shutil.copyfile(config_path, inside)
+                experiment.save(str(inside), base_path=experiment.dir, policy="now")
 
 
 def current_wandb_run() -> Any:

@@ -54,6 +54,8 @@ def test_a_successful_fit_exits_0_and_leaves_its_run_folder(data: Path, cwd: Pat
         assert (run / name).is_file(), name
     (wandb_run,) = (run / "wandb").glob("offline-run-*")
     assert wandb_run.name.endswith(run.name)  # the W&B run id is the run id
+    for noise in ("litlogger", "Seed set to", "LeafSpec", "deprecated", "not supported by the model summary"):
+        assert noise not in done.stderr, noise  # third-party messages a user cannot act on
 
 
 def test_bad_input_exits_2_with_one_line(data: Path, cwd: Path) -> None:
