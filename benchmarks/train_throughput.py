@@ -36,7 +36,7 @@ from cpu_steal import with_steal
 from fit_rate import fit_images_per_second
 
 from lightning_cnn.experiments import shipped_config
-from lightning_cnn.hardware import choose_precision
+from lightning_cnn.training.hardware import choose_precision
 
 CIFAR10_TRAIN_IMAGES = 50_000
 ASSIGNMENT = "(a) assignment loop (PIL transforms, DataLoader, fp32)"

@@ -19,7 +19,14 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn import __version__
-from lightning_cnn.callbacks import (
+from lightning_cnn.checkpoints import AtomicCheckpointIO
+from lightning_cnn.data import ResidentDataModule
+from lightning_cnn.errors import checkpoint_mismatch, one_line, user_error
+from lightning_cnn.experiments import resolve_config_args
+from lightning_cnn.models import ImageClassifier, TransferNet
+from lightning_cnn.reporting.report import RunReport
+from lightning_cnn.reporting.wandb_logger import SaveConfigToRun, current_wandb_run, finish_wandb_run_started_since
+from lightning_cnn.training.callbacks import (
     HangWatchdog,
     InterruptCheckpoint,
     PredictionCSVWriter,
@@ -29,15 +36,8 @@ from lightning_cnn.callbacks import (
     StopOnNonFiniteLoss,
     TrainingDiverged,
 )
-from lightning_cnn.checkpoints import AtomicCheckpointIO
-from lightning_cnn.data import ResidentDataModule
-from lightning_cnn.errors import checkpoint_mismatch, one_line, user_error
-from lightning_cnn.experiments import resolve_config_args
-from lightning_cnn.loggers import SaveConfigToRun, current_wandb_run, finish_wandb_run_started_since
-from lightning_cnn.models import ImageClassifier, TransferNet
-from lightning_cnn.reporting import RunReport
-from lightning_cnn.runs import CHECKPOINTS, CKPT_KEYWORDS, RUN_ID_ENV, point_latest
-from lightning_cnn.settings import (
+from lightning_cnn.training.runs import CHECKPOINTS, CKPT_KEYWORDS, RUN_ID_ENV, point_latest
+from lightning_cnn.training.settings import (
     CREATED,
     check_checkpoint,
     check_settings,
@@ -238,7 +238,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
     wandb_run_before, failed = current_wandb_run(), True
     try:
         if argv[:1] == ["compare"]:  # not a Trainer method, so not a LightningCLI subcommand
-            from lightning_cnn.compare import main as compare
+            from lightning_cnn.reporting.compare import main as compare
 
             compare(argv[1:])
             return None

@@ -30,7 +30,7 @@ from typing import Any
 
 from lightning_cnn.errors import ConfigError, UserError
 from lightning_cnn.experiments import resolve_config
-from lightning_cnn.runs import CHECKPOINTS, point_latest
+from lightning_cnn.training.runs import CHECKPOINTS, point_latest
 
 PLAN, RESULT = "plan.json", "study.json"
 SPLIT = "split_cifar10"
@@ -152,7 +152,7 @@ def aggregate(per_seed: list[dict[str, Any]]) -> Any:
 
 # ---------------------------------------------------------------------------------------------------- running
 def _read_run(folder: Path) -> dict[str, Any]:
-    from lightning_cnn.reporting import read_history, read_summary
+    from lightning_cnn.reporting.report import read_history, read_summary
 
     return {"folder": str(folder), "summary": read_summary(folder), "history": read_history(folder)}
 
@@ -247,7 +247,7 @@ def run_study(
 # ---------------------------------------------------------------------------------------------------- report
 def report(study: Path, plan: dict[str, Any], folders: dict[int, dict[str, Path]], group: str) -> None:
     """Write ``study.json``, ``study.md`` and ``study.png``, and log them to a W&B run of job type ``study``."""
-    from lightning_cnn.reporting import write_json_atomically
+    from lightning_cnn.reporting.report import write_json_atomically
 
     target, seeds = plan["target"], plan["seeds"]
     runs = {seed: {key: _read_run(folder) for key, folder in by_key.items()} for seed, by_key in folders.items()}
@@ -269,7 +269,7 @@ def report(study: Path, plan: dict[str, Any], folders: dict[int, dict[str, Path]
         if target == SPLIT
         else {},
     }
-    from lightning_cnn.plots import plot_study
+    from lightning_cnn.reporting.plots import plot_study
 
     plot_study(result, runs, study / "study.png")
     markdown = split_markdown(result) if target == SPLIT else config_markdown(result)
@@ -343,7 +343,7 @@ def _log_study_to_wandb(study: Path, result: dict[str, Any], group: str) -> None
 
     if os.environ.get("WANDB_MODE") == "disabled" or any(a.startswith("--trainer.logger") for a in result["forwarded"]):
         return
-    from lightning_cnn.loggers import WandbLogger, current_wandb_run, finish_wandb_run_started_since
+    from lightning_cnn.reporting.wandb_logger import WandbLogger, current_wandb_run, finish_wandb_run_started_since
 
     before = current_wandb_run()
     logger = WandbLogger(name=f"{group}-study", group=group, job_type="study", save_dir=str(study), id=f"{group}-study")

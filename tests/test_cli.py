@@ -91,7 +91,7 @@ def test_phase1_retention_needs_a_split_phase2_run(
     fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        fit("cifar10_base", fake_root, "--trainer.callbacks+=lightning_cnn.retention.PhaseOneRetention")
+        fit("cifar10_base", fake_root, "--trainer.callbacks+=lightning_cnn.reporting.retention.PhaseOneRetention")
     assert exit_info.value.code == 2
     assert "SplitCIFAR10DataModule with phase: 2" in capsys.readouterr().err
 
@@ -374,7 +374,7 @@ def test_help_names_every_command_and_the_exit_codes(capsys: pytest.CaptureFixtu
 def test_runs_started_in_the_same_second_with_the_same_random_digits_still_get_two_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning_cnn import runs
+    from lightning_cnn.training import runs
 
     ids = iter(["20261129-101512-3fa9c1", "20261129-101512-3fa9c1", "20261129-101512-77aa00"])
     monkeypatch.setattr(runs, "new_run_id", lambda: next(ids))

@@ -162,7 +162,7 @@ def test_slurm_tasks_as_srun_starts_them(cifar: Path, tmp_path: Path) -> None:
 def test_the_watchdog_ends_a_hung_rank_with_its_stack(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import time, types
-        from lightning_cnn.callbacks import HangWatchdog
+        from lightning_cnn.training.callbacks import HangWatchdog
         watchdog = HangWatchdog(timeout=1)
         watchdog.arm(types.SimpleNamespace(world_size=1))  # one process: never armed
         time.sleep(1.5)

@@ -18,11 +18,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_cnn.callbacks import InterruptCheckpoint, StopOnNonFiniteLoss, TrainingDiverged
 from lightning_cnn.cli import run
 from lightning_cnn.experiments import CONFIG_DIR
 from lightning_cnn.models import MNISTCNN, ImageClassifier
-from lightning_cnn.reporting import RunReport
+from lightning_cnn.reporting.report import RunReport
+from lightning_cnn.training.callbacks import InterruptCheckpoint, StopOnNonFiniteLoss, TrainingDiverged
 
 CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
 

@@ -9,8 +9,8 @@ import torch
 from fakedata import QUICK as QUICK_FIT
 from fakedata import make_mnist_idx
 
-from lightning_cnn import hardware
 from lightning_cnn.cli import run
+from lightning_cnn.training import hardware
 
 QUICK = [*QUICK_FIT, "--trainer.logger=false"]
 

@@ -10,7 +10,7 @@ from fakedata import make_image_folder
 
 from lightning_cnn.cli import main
 from lightning_cnn.experiments import CONFIG_DIR
-from lightning_cnn.wandb_files import read_run
+from lightning_cnn.reporting.wandb_files import read_run
 
 CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -101,7 +101,7 @@ def test_compare_reads_offline_wandb_runs(offline: Path, tmp_path: Path, capsys:
 def test_no_account_means_offline_with_a_sync_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
-    from lightning_cnn.loggers import WandbLogger
+    from lightning_cnn.reporting.wandb_logger import WandbLogger
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -13,8 +13,8 @@ from jsonargparse import Namespace
 
 from lightning_cnn.checkpoints import read_checkpoint
 from lightning_cnn.errors import CheckpointError, ConfigError
-from lightning_cnn.hardware import choose_precision, compile_pays
-from lightning_cnn.runs import CHECKPOINTS, RUN_ID_ENV, RunPlan, plan_run, process_rank
+from lightning_cnn.training.hardware import choose_precision, compile_pays
+from lightning_cnn.training.runs import CHECKPOINTS, RUN_ID_ENV, RunPlan, plan_run, process_rank
 
 
 def choose_hardware_settings(config: Namespace) -> None:

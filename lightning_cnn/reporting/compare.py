@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_cnn.errors import UserError
-from lightning_cnn.reporting import HISTORY, SUMMARY
-from lightning_cnn.runs import LATEST
+from lightning_cnn.reporting.report import HISTORY, SUMMARY
+from lightning_cnn.training.runs import LATEST
 
 COLUMNS = [
     ("test acc", lambda s: _pct(s.get("test", {}).get("test/acc"))),
@@ -30,7 +30,7 @@ COLUMNS = [
     ("wall time (s)", lambda s: f"{s['fit_seconds']:.0f}" if "fit_seconds" in s else "-"),
     ("train img/s", lambda s: f"{s['train_images_per_second']:,.0f}" if "train_images_per_second" in s else "-"),
 ]
-# Shown only when some run has them: split CIFAR-10 phase-2 runs with lightning_cnn.retention.PhaseOneRetention.
+# Shown only when some run has them: split CIFAR-10 phase-2 runs with PhaseOneRetention.
 OPTIONAL_COLUMNS = [
     ("phase-1 acc after phase 2", lambda s: _pct(s.get("test", {}).get("test/phase1_acc"))),
 ]
@@ -83,7 +83,7 @@ def _check_summary(summary: Any, source: Path | str) -> None:
 
 
 def _load_wandb_run(run_dir: Path) -> tuple[dict[str, Any], list[tuple[float, float]]]:
-    from lightning_cnn.wandb_files import read_run
+    from lightning_cnn.reporting.wandb_files import read_run
 
     record = read_run(run_dir)
     if not record["summary"] and not record["history"]:
@@ -167,7 +167,7 @@ def main(argv: list[str]) -> None:
         args.output.write_text(table)
         print(f"Wrote {args.output}")
     if args.plot:
-        from lightning_cnn.plots import plot_validation_curves
+        from lightning_cnn.reporting.plots import plot_validation_curves
 
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_validation_curves({name: curve for name, (_, curve) in loaded.items()}, args.plot)

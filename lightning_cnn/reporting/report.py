@@ -147,13 +147,13 @@ class RunReport(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         self._write_history(folder / HISTORY)
         write_json_atomically(folder / SUMMARY, self.summary)
-        from lightning_cnn.plots import plot_learning_curves
+        from lightning_cnn.reporting.plots import plot_learning_curves
 
         plot_learning_curves(self.history, folder / "learning_curves.png", title=self.summary["run"])
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning_cnn.plots import plot_confusion_matrix, plot_test_samples, write_per_class_table
+        from lightning_cnn.reporting.plots import plot_confusion_matrix, plot_test_samples, write_per_class_table
 
         folder = Path(trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_cnn.runs import process_rank, run_folder_of
+from lightning_cnn.training.runs import process_rank, run_folder_of
 
 INIT_TIMEOUT = 30  # seconds W&B may try to reach its server before the run goes on offline
 
@@ -126,6 +126,10 @@ class WandbLogger(LightningWandbLogger):
     @rank_zero_experiment
     def experiment(self) -> Any:
         """The W&B run; when the server cannot be reached, an offline run instead, so training goes on."""
+        stale = current_wandb_run()
+        disabled_here = self._wandb_init.get("mode") == "disabled"
+        if self._experiment is None and getattr(stale, "disabled", False) and not disabled_here:
+            stale.finish()  # Lightning would log into any open wandb.run, even a disabled stand-in left behind
         try:
             return LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
         except Exception as err:  # wandb raises CommError, UsageError, TimeoutError, ... for a server it lacks

@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn.errors import UserError
-from lightning_cnn.runs import slurm_job_id
+from lightning_cnn.training.runs import slurm_job_id
 
 
 class PredictionCSVWriter(BasePredictionWriter):
