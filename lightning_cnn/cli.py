@@ -82,8 +82,14 @@ class CNNCLI(LightningCLI):
             default=None,
             help="Name of the run folder and W&B run id (default: start time and random digits); it must be new.",
         )
-        for source, target in (("num_classes", "num_classes"), ("input_shape", "input_shape")):
-            parser.link_arguments(f"data.{source}", f"model.network.init_args.{target}", apply_on="instantiate")
+        # What the data is flows one way, from the DataModule to the network and the classifier.
+        for source, target in (
+            ("num_classes", "model.network.init_args.num_classes"),
+            ("input_shape", "model.network.init_args.input_shape"),
+            ("num_classes", "model.num_classes"),
+            ("class_names", "model.class_names"),
+        ):
+            parser.link_arguments(f"data.{source}", target, apply_on="instantiate")
         # Every run keeps its best (by val/acc) checkpoint and the last epoch's under fixed names in its own
         # folder, so a config can point at another run's checkpoint (phase 2 through runs/<phase 1>/latest) and
         # `fit --ckpt_path last` resumes. Two callbacks: Lightning's save_last only writes last.ckpt in epochs
@@ -133,7 +139,9 @@ class CNNCLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         folders: list[str | None] = [self.trainer.default_root_dir]
-        folders += [getattr(c, "dirpath", None) for c in self.trainer.checkpoint_callbacks]
+        folders += [
+            str(c.dirpath) for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath
+        ]
         for folder in filter(None, folders):
             check_writable(Path(folder))
 
@@ -161,7 +169,7 @@ class CNNCLI(LightningCLI):
                 callback.arm(self.trainer)
 
     def after_fit(self) -> None:
-        if getattr(self.trainer, "fast_dev_run", False):  # a smoke run keeps no checkpoint: not a finished run
+        if self.trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Trainer.__init__, untyped  # a smoke run keeps no checkpoint: not a finished run
             return
         if self.config[self.subcommand].get("test_after_fit", True):
             monitored = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor]

@@ -203,7 +203,7 @@ def test_bad_input_gets_one_clear_message_and_exit_2(
     config = str(CONFIGS / "split_cifar10_phase1.yaml")
     (workdir / "truncated.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a zip archive cut short
     if case == "checkpoint of another architecture":  # an MNIST network's weights for the CIFAR run
-        model = ImageClassifier(MNISTCNN())
+        model = ImageClassifier(MNISTCNN(), num_classes=10)
         torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": "2.6.0"}, workdir / "mnist.ckpt")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", config, f"--data.data_dir={fake_root}", *QUICK, *args])

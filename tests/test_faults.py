@@ -105,7 +105,7 @@ def _data() -> DataLoader:
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_good_checkpoints(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(tmp_path, filename="best", monitor="val/acc", mode="max", save_last=True,
                                  save_on_train_epoch_end=True)  # fmt: skip
-    model = ImageClassifier(_BreaksAt(at=5), optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    model = ImageClassifier(_BreaksAt(at=5), num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
     trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
                         callbacks=[checkpoint, StopOnNonFiniteLoss(), InterruptCheckpoint()])  # fmt: skip
     with pytest.raises(TrainingDiverged, match=r"became nan at epoch 1, step 4 \(batch 1\)"):
@@ -130,18 +130,22 @@ def _resumable_trainer(folder: Path, *extra: L.Callback) -> L.Trainer:
 
 def test_sigterm_leaves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # Lightning's SIGTERMException
-        _resumable_trainer(tmp_path, _SigtermAt()).fit(ImageClassifier(MNISTCNN()), _data())
+        _resumable_trainer(tmp_path, _SigtermAt()).fit(ImageClassifier(MNISTCNN(), num_classes=10), _data())
     interrupted = torch.load(tmp_path / "last-interrupted.ckpt", weights_only=True)
     assert interrupted["global_step"] == 4  # the step in flight finished, then the run stopped
     resumed = _resumable_trainer(tmp_path)
-    resumed.fit(ImageClassifier(MNISTCNN()), _data(), ckpt_path="last")
+    resumed.fit(ImageClassifier(MNISTCNN(), num_classes=10), _data(), ckpt_path="last")
     assert resumed.global_step == 9 and resumed.current_epoch == 3
 
 
 def test_a_run_resumed_mid_epoch_reports_every_epoch_and_all_its_training(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # interrupted at step 4, the first batch of epoch 1
-        _resumable_trainer(tmp_path, RunReport(), _SigtermAt()).fit(ImageClassifier(MNISTCNN()), _data())
-    _resumable_trainer(tmp_path, RunReport()).fit(ImageClassifier(MNISTCNN()), _data(), ckpt_path="last")
+        _resumable_trainer(tmp_path, RunReport(), _SigtermAt()).fit(
+            ImageClassifier(MNISTCNN(), num_classes=10), _data()
+        )
+    _resumable_trainer(tmp_path, RunReport()).fit(
+        ImageClassifier(MNISTCNN(), num_classes=10), _data(), ckpt_path="last"
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["train_images"] == 3 * 12  # 4 steps before, 5 after, 4 images each
     # before the fix the resumed part timed its first epoch from the clock's zero (hours)

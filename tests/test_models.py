@@ -117,7 +117,7 @@ def test_test_stage_logs_scikit_learn_figures_and_confusion_matrix() -> None:
     preds, target = _random_predictions(1, n=300)
     logits = torch.nn.functional.one_hot(preds, 10).float()
     loader = _loader(torch.arange(300).view(-1, 1).float(), target, batch_size=64)
-    model = ImageClassifier(_Fixed(logits))
+    model = ImageClassifier(_Fixed(logits), num_classes=10)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     logged = trainer.test(model, loader, verbose=False)[0]
     for key, value in _sklearn_figures(preds, target, "test").items():
@@ -126,7 +126,7 @@ def test_test_stage_logs_scikit_learn_figures_and_confusion_matrix() -> None:
 
 
 def _phase1_checkpoint(tmp_path: Path, network: nn.Module | None = None) -> Path:
-    model = ImageClassifier(network or CIFARCNN(num_classes=5))
+    model = ImageClassifier(network or CIFARCNN(num_classes=5), num_classes=5)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(model, _loader(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])))
     path = tmp_path / "phase1.ckpt"
@@ -141,7 +141,9 @@ def test_transfer_backbone_is_frozen_bit_for_bit_and_the_head_learns(tmp_path: P
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert all(torch.equal(before[f"backbone.{k}"], phase1[f"network.backbone.{k}"]) for k in net.backbone.state_dict())
     assert [(m.in_features, m.out_features) for m in net.head if isinstance(m, nn.Linear)] == [(1024, 128), (128, 10)]
-    model = ImageClassifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01))
+    model = ImageClassifier(
+        net, num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01)
+    )
     data = _loader(torch.randn(24, 3, 32, 32), torch.randint(5, 10, (24,)))
     modes = []
 
@@ -161,7 +163,7 @@ def test_transfer_backbone_is_frozen_bit_for_bit_and_the_head_learns(tmp_path: P
 def test_transfer_unfrozen_backbone_trains(tmp_path: Path) -> None:
     net = TransferNet(str(_phase1_checkpoint(tmp_path)), freeze_backbone=False)
     before = [p.clone() for p in net.backbone.parameters()]
-    model = ImageClassifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    model = ImageClassifier(net, num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
         model, _loader(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
     )
@@ -190,7 +192,7 @@ def test_classifier_exposes_backbone_for_backbone_finetuning(tmp_path: Path) -> 
     from lightning.pytorch.callbacks import BackboneFinetuning
 
     net = TransferNet(str(_phase1_checkpoint(tmp_path)), freeze_backbone=False)
-    model = ImageClassifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    model = ImageClassifier(net, num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
     frozen_at_start = []
 
     class Probe(L.Callback):
@@ -214,6 +216,7 @@ def test_one_cycle_scheduler_gets_the_runs_step_count() -> None:
 
     model = ImageClassifier(
         MNISTCNN(),
+        num_classes=10,
         optimizer=partial(torch.optim.SGD, lr=0.1),
         scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.5),
     )
@@ -226,7 +229,7 @@ def test_one_cycle_scheduler_gets_the_runs_step_count() -> None:
 
 @pytest.mark.slow
 def test_compiled_network_trains_and_keeps_plain_checkpoint_keys(tmp_path: Path) -> None:
-    model = ImageClassifier(MNISTCNN(), compile=True, channels_last=True)
+    model = ImageClassifier(MNISTCNN(), num_classes=10, compile=True, channels_last=True)
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(model, _loader(torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,)), batch_size=4))
     trainer.save_checkpoint(tmp_path / "c.ckpt")
@@ -238,7 +241,10 @@ def test_flip_test_time_averages_an_image_and_its_mirror() -> None:
     torch.manual_seed(0)
     network = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     x = torch.rand(5, 3, 8, 8)
-    plain, flipped = ImageClassifier(network), ImageClassifier(network, flip_test_time=True)
+    plain, flipped = (
+        ImageClassifier(network, num_classes=4),
+        ImageClassifier(network, num_classes=4, flip_test_time=True),
+    )
     expected = (network(x) + network(x.flip(-1))) / 2
     torch.testing.assert_close(flipped._eval_logits(x), expected)
     # the prediction no longer depends on the image's orientation; without the option it does

@@ -116,7 +116,8 @@ class ResidentDataModule(L.LightningDataModule):
 
     def _stream(self, which: str) -> ResidentBatches:
         self.setup()
-        split = getattr(self, f"{which}_split")
+        split = {"train": self.train_split, "val": self.val_split, "test": self.test_split}[which]
+        assert split is not None  # setup() made it
         if which == "train":
             return ResidentBatches(split, self.batch_size, True, pad=self.pad, flip_p=self.flip_p, **self._shard())
         return ResidentBatches(split, self.eval_batch_size, **self._shard())

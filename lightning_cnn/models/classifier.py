@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from collections.abc import Sequence
 from typing import Any, cast
 
 import lightning as L
@@ -22,12 +23,13 @@ from lightning_cnn.models.schedulers import CosineAnnealingLR
 EVAL_STAGES = ("val", "test")
 
 
-def output_features(network: nn.Module) -> int:
-    """Class count of a network: the width of its last linear layer."""
-    linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ConfigError(f"{type(network).__name__} has no nn.Linear layer; pass num_classes explicitly")
-    return linears[-1].out_features
+def _class_count(num_classes: int | None, class_names: Sequence[str] | None) -> int:
+    if class_names and num_classes is not None and len(class_names) != num_classes:
+        raise ConfigError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+    count = len(class_names) if class_names else num_classes
+    if not count or count < 1:
+        raise ConfigError("ImageClassifier needs the class count: pass num_classes or class_names (the DataModule's)")
+    return count
 
 
 def _plain(value: Any) -> bool:
@@ -68,7 +70,9 @@ class ImageClassifier(L.LightningModule):
             given the run's step count and stepped every batch, others every epoch;
             :class:`~lightning_cnn.models.CosineAnnealingLR` without ``T_max`` anneals over ``max_epochs``.
         label_smoothing: cross-entropy label smoothing of the training loss (evaluation loss is plain).
-        num_classes: class count; ``None`` reads it off the network's last linear layer.
+        num_classes: class count (the LightningCLI links the DataModule's ``num_classes`` here).
+        class_names: the names of labels ``0 .. num_classes-1`` (linked from the DataModule's ``class_names``);
+            ``None``: ``"0"``, ``"1"``, ... Either this or ``num_classes`` is needed.
         channels_last: run convolutions in channels-last memory format.
         compile: ``torch.compile`` the network (``None``, as the CLI passes it when unset: decided by the CLI for
             the machine, on where it pays).
@@ -78,7 +82,7 @@ class ImageClassifier(L.LightningModule):
 
     Example:
         >>> from lightning_cnn.models import MNISTCNN
-        >>> model = ImageClassifier(MNISTCNN(num_classes=10))
+        >>> model = ImageClassifier(MNISTCNN(num_classes=10), num_classes=10)
         >>> model(torch.zeros(4, 1, 28, 28)).shape
         torch.Size([4, 10])
     """
@@ -93,6 +97,7 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool = False,
         compile: bool | None = None,
         flip_test_time: bool = False,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -108,8 +113,8 @@ class ImageClassifier(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.channels_last, self.compile_network = channels_last, compile
         self.label_smoothing, self.flip_test_time = label_smoothing, flip_test_time
-        self.num_classes = num_classes or output_features(network)
-        self.class_names = [str(i) for i in range(self.num_classes)]
+        self.num_classes = _class_count(num_classes, class_names)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
         self.train_acc = MulticlassAccuracy(self.num_classes)
         self.metrics = nn.ModuleDict({s: classification_metrics(self.num_classes, s) for s in EVAL_STAGES})
         self.confmat = nn.ModuleDict({s: confusion_matrix(self.num_classes) for s in EVAL_STAGES})
@@ -122,12 +127,6 @@ class ImageClassifier(L.LightningModule):
         return cast(nn.Module, self.network.backbone)
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "class_names", None)
-        if names and len(names) == self.num_classes:
-            self.class_names = list(names)
-
     def configure_model(self) -> None:
         if self.channels_last:
             self.network.to(memory_format=torch.channels_last)
@@ -135,10 +134,8 @@ class ImageClassifier(L.LightningModule):
             self.network.compile()  # in place: the state dict keeps its plain keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # also in the hyperparameters; here at the top, where a phase-2 run reads its phase-1 head's size
         checkpoint["class_names"] = list(self.class_names)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.class_names = list(checkpoint.get("class_names", self.class_names))
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,24 @@ def load_network_state(path: str | Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def checkpoint_class_names(path: str | Path) -> list[str]:
+    """The class names a checkpoint of this package's classifier records (the size of its head).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or not a checkpoint of this package's classifier.
+    """
+    checkpoint = read_checkpoint(
+        path,
+        "Phase-1 checkpoint",
+        missing_hint="Point checkpoint_path at a phase-1 run's best.ckpt.",
+        unreadable_hint="Point checkpoint_path at a phase-1 run's best.ckpt.",
+    )
+    names = checkpoint.get("class_names")
+    if not isinstance(names, list) or not names:
+        raise CheckpointError(f"{path} records no class names; is it a checkpoint of a lightning-cnn run?")
+    return [str(n) for n in names]
+
+
 def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The ``backbone.*`` weights of a Lightning checkpoint (or of a plain network state dict), prefix removed.
 

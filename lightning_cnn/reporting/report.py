@@ -21,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_cnn import __version__
 from lightning_cnn.checkpoints import write_atomically
+from lightning_cnn.data import ResidentDataModule
+from lightning_cnn.models import ImageClassifier
 
 SUMMARY = "summary.json"
 HISTORY = "history.csv"
@@ -160,17 +162,15 @@ class RunReport(L.Callback):
         summary = self.summary or _read_summary(folder)
         summary["test"] = {k: round(_float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         write_json_atomically(folder / SUMMARY, summary)
-        confusion = getattr(pl_module, "confusion", {}).get("test")
-        if confusion is None:
+        if not isinstance(pl_module, ImageClassifier) or "test" not in pl_module.confusion:
             return
-        names = list(getattr(pl_module, "class_names", []))
+        confusion, names = pl_module.confusion["test"], list(pl_module.class_names)
         present = confusion.sum(dim=1) + confusion.sum(dim=0) > 0
         plot_confusion_matrix(confusion, names, folder / "confusion_matrix.png", present)
         write_per_class_table(confusion, names, folder / "per_class.csv", present)
-        datamodule = getattr(trainer, "datamodule", None)
-        split = getattr(datamodule, "test_split", None)
-        if split is not None:
-            plot_test_samples(pl_module, datamodule, split, names, folder / "test_samples.png")
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if isinstance(datamodule, ResidentDataModule) and datamodule.test_split is not None:
+            plot_test_samples(pl_module, datamodule, datamodule.test_split, names, folder / "test_samples.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and os.environ.get("WANDB_MODE") != "disabled":
                 _log_to_wandb(logger, summary, confusion, names, present, folder)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 from typing import cast
 
 import lightning as L
@@ -13,8 +12,9 @@ from torch import nn
 
 from lightning_cnn.data.split_cifar import SplitCIFAR10DataModule
 from lightning_cnn.errors import CheckpointError, ConfigError
-from lightning_cnn.models.networks import CIFARCNN
-from lightning_cnn.models.transfer import load_network_state
+from lightning_cnn.models import ImageClassifier, TransferNet
+from lightning_cnn.models.networks import CIFARCNN, BackboneHead
+from lightning_cnn.models.transfer import checkpoint_class_names, load_network_state
 
 
 class PhaseOneRetention(Callback):
@@ -43,16 +43,17 @@ class PhaseOneRetention(Callback):
         self.phase1_network = phase1_network
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
         if not isinstance(datamodule, SplitCIFAR10DataModule) or datamodule.phase != 2:
             raise ConfigError("PhaseOneRetention needs a SplitCIFAR10DataModule with phase: 2 as the run's data.")
-        if not isinstance(getattr(pl_module, "network", None), nn.Module) or not hasattr(pl_module.network, "backbone"):
-            raise ConfigError("PhaseOneRetention needs a model whose network has a backbone (any network here).")
-        path = self.checkpoint_path or getattr(pl_module.network, "checkpoint_path", None)
+        if not isinstance(pl_module, ImageClassifier) or not isinstance(pl_module.network, BackboneHead):
+            raise ConfigError("PhaseOneRetention needs an ImageClassifier whose network has a backbone (any here).")
+        network_path = pl_module.network.checkpoint_path if isinstance(pl_module.network, TransferNet) else None
+        path = self.checkpoint_path or network_path
         if path is None:
             raise ConfigError("PhaseOneRetention needs checkpoint_path: the phase-1 run's checkpoint.")
         state = load_network_state(path)
-        network = self.phase1_network or CIFARCNN(_head_outputs(state, path), datamodule.input_shape)
+        network = self.phase1_network or CIFARCNN(len(checkpoint_class_names(path)), datamodule.input_shape)
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -88,7 +89,9 @@ class ClassIncrementalAccuracy(Callback):
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if not isinstance(pl_module, ImageClassifier):
+            raise ConfigError("ClassIncrementalAccuracy needs an ImageClassifier as the model.")
         if not isinstance(datamodule, SplitCIFAR10DataModule) or datamodule.phase != 2:
             raise ConfigError("ClassIncrementalAccuracy needs a SplitCIFAR10DataModule with phase: 2 as its data.")
 
@@ -96,7 +99,8 @@ class ClassIncrementalAccuracy(Callback):
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
         if datamodule.remap_labels:
             return
-        network = cast(nn.Module, pl_module.network).eval()
+        assert isinstance(pl_module, ImageClassifier)  # checked in setup()
+        network = pl_module.network.eval()
         counts = [_test_counts(network, datamodule, phase, pl_module.device) for phase in (1, 2)]
         pl_module.log("test/all_classes_acc", sum(c for c, _ in counts) / sum(n for _, n in counts))
 
@@ -116,11 +120,3 @@ def _test_counts(
             correct += int((network(x).argmax(dim=1) == y).sum())
             total += len(y)
     return correct, total
-
-
-def _head_outputs(state: dict[str, torch.Tensor], path: str) -> int:
-    """Output count of the last linear layer of a network state dict's ``head``."""
-    heads = [(int(m.group(1)), v) for k, v in state.items() if (m := re.fullmatch(r"head\.(\d+)\.weight", k))]
-    if not heads:
-        raise CheckpointError(f"{path} has no head weights (no 'network.head.*' keys); is it a phase-1 run?")
-    return int(max(heads, key=lambda item: item[0])[1].shape[0])

@@ -83,7 +83,7 @@ class WandbLogger(LightningWandbLogger):
         if resume is not None:
             kwargs["resume"] = resume
         mode = "offline" if offline else os.environ.get("WANDB_MODE")
-        if mode and "mode" not in kwargs:
+        if mode and kwargs.get("mode") is None:  # LightningCLI passes mode=None from wandb.init's signature
             # W&B reads WANDB_MODE once per process; given per run, each in-process run obeys it as a new process would
             kwargs["mode"] = mode
         if not offline and "settings" not in kwargs and not os.environ.get("WANDB_INIT_TIMEOUT"):
@@ -128,7 +128,7 @@ class WandbLogger(LightningWandbLogger):
         """The W&B run; when the server cannot be reached, an offline run instead, so training goes on."""
         stale = current_wandb_run()
         disabled_here = self._wandb_init.get("mode") == "disabled"
-        if self._experiment is None and getattr(stale, "disabled", False) and not disabled_here:
+        if self._experiment is None and stale is not None and stale.disabled and not disabled_here:
             stale.finish()  # Lightning would log into any open wandb.run, even a disabled stand-in left behind
         try:
             return LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]

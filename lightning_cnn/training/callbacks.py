@@ -16,11 +16,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn.errors import UserError
+from lightning_cnn.models import ImageClassifier
 from lightning_cnn.training.runs import slurm_job_id
 
 
@@ -52,7 +53,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        names = getattr(pl_module, "class_names", None)
+        names = pl_module.class_names if isinstance(pl_module, ImageClassifier) else None
         probability, index = torch.as_tensor(prediction).max(dim=1)
         for path, p, i in zip(batch[1], probability.tolist(), index.tolist(), strict=True):
             self._rows.append((str(path), names[i] if names else str(i), p))
@@ -130,7 +131,7 @@ class StopOnNonFiniteLoss(Callback):
         if trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
-            directory = getattr(trainer.checkpoint_callback, "dirpath", None)
+            directory = _checkpoint_dir(trainer)
             batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
             raise TrainingDiverged(
                 f"The training loss became {float(loss.detach().float())} at epoch {trainer.current_epoch}, "
@@ -150,7 +151,7 @@ class InterruptCheckpoint(Callback):
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        directory = getattr(trainer.checkpoint_callback, "dirpath", None)
+        directory = _checkpoint_dir(trainer)
         # during fit, validation included: SIGTERM often lands in the validation that follows an epoch
         if isinstance(exception, TrainingDiverged) or directory is None or trainer.state.fn != TrainerFn.FITTING:
             return
@@ -261,3 +262,8 @@ class SlurmRequeue(Callback):
             print(f"Saved an hpc checkpoint in {trainer.default_root_dir}; scontrol requeue {job}: "
                   f"{'done' if done.returncode == 0 else done.stderr.strip() or done.returncode}")  # fmt: skip
         raise SIGTERMException()  # stop as a pre-empted run does (status 143)
+
+
+def _checkpoint_dir(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    return str(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
