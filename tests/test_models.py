@@ -123,6 +123,9 @@ def test_test_stage_logs_scikit_learn_figures_and_confusion_matrix() -> None:
     for key, value in _sklearn_figures(preds, target, "test").items():
         assert logged[key] == pytest.approx(value, abs=1e-6), key
     assert torch.equal(model.confusion["test"], torch.from_numpy(skm.confusion_matrix(target, preds, labels=range(10))))
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(target, preds, labels=range(10), zero_division=0)
+    for name, expected in (("precision", precision), ("recall", recall), ("f1", f1)):  # the run's per_class.csv
+        assert model.per_class["test"][name].tolist() == pytest.approx(expected.tolist(), abs=1e-6), name
 
 
 def _phase1_checkpoint(tmp_path: Path, network: nn.Module | None = None) -> Path:

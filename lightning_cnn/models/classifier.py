@@ -120,6 +120,7 @@ class ImageClassifier(L.LightningModule):
         self.confmat = nn.ModuleDict({s: confusion_matrix(self.num_classes) for s in EVAL_STAGES})
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_STAGES})
         self.confusion: dict[str, torch.Tensor] = {}
+        self.per_class: dict[str, dict[str, torch.Tensor]] = {}  # precision, recall, f1 of each class per stage
 
     @property
     def backbone(self) -> nn.Module:
@@ -178,11 +179,15 @@ class ImageClassifier(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         metrics, confmat, loss = self._stage_metrics(stage)
         confusion = confmat.compute()
-        figures = scalar_figures(metrics.compute(), stage, self.class_names, confusion.sum(dim=1))
+        computed = metrics.compute()
+        figures = scalar_figures(computed, stage, self.class_names, confusion.sum(dim=1))
         figures[f"{stage}/loss"] = loss.compute()
         # torchmetrics has already reduced across processes, so every rank logs the same numbers.
         self.log_dict(figures, sync_dist=True)
         self.confusion[stage] = confusion.cpu()
+        self.per_class[stage] = {
+            name: computed[f"{stage}/{name}_per_class"].cpu() for name in ("precision", "recall", "f1")
+        }
         for metric in (metrics, confmat, loss):
             metric.reset()
 

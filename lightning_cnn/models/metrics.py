@@ -14,7 +14,7 @@ from torchmetrics.classification import (
 
 
 def classification_metrics(num_classes: int, stage: str) -> MetricCollection:
-    """Accuracy, weighted and macro precision/recall/F1, and per-class accuracy for one stage.
+    """Accuracy, weighted and macro precision/recall/F1, and per-class accuracy, precision, recall and F1.
 
     Classes absent from both targets and predictions are left out of the macro averages, as scikit-learn
     does, so a phase-2 split (labels 5-9 in a 10-way space) averages over its own five classes.
@@ -31,6 +31,10 @@ def classification_metrics(num_classes: int, stage: str) -> MetricCollection:
         metrics[f"recall_{average}"] = MulticlassRecall(num_classes, average=average)
         metrics[f"f1_{average}"] = MulticlassF1Score(num_classes, average=average)
     metrics["acc_per_class"] = MulticlassAccuracy(num_classes, average=None)
+    # per class, for the run's per_class.csv and its W&B table (states shared with the averages above)
+    metrics["precision_per_class"] = MulticlassPrecision(num_classes, average=None)
+    metrics["recall_per_class"] = MulticlassRecall(num_classes, average=None)
+    metrics["f1_per_class"] = MulticlassF1Score(num_classes, average=None)
     return MetricCollection(metrics, prefix=f"{stage}/")  # type: ignore[arg-type]
 
 

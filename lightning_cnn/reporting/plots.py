@@ -33,36 +33,31 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: Path, title:
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, names: Sequence[str], path: Path, present: torch.Tensor) -> None:
-    """Counts with class names on both axes; classes absent from the test set are left out."""
+    """Counts with class names on both axes (torchmetrics' picture); classes absent from the test set are left out."""
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
     keep = present.nonzero().flatten()
-    matrix = confusion[keep][:, keep].numpy()
     labels = [names[i] if i < len(names) else str(int(i)) for i in keep.tolist()]
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(labels), 1 + 0.6 * len(labels)))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    MulticlassConfusionMatrix(len(labels)).plot(val=confusion[keep][:, keep], ax=ax, labels=labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for (i, j), count in [((i, j), matrix[i, j]) for i in range(len(labels)) for j in range(len(labels))]:
-        ax.text(j, i, str(int(count)), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_per_class_table(confusion: torch.Tensor, names: Sequence[str], path: Path, present: torch.Tensor) -> None:
-    """Precision, recall and F1 of each class present, from the confusion matrix (rows true, columns predicted)."""
-    tp = confusion.diagonal().double()
-    precision = tp / confusion.sum(dim=0).double().clamp(min=1)
-    recall = tp / confusion.sum(dim=1).double().clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+def write_per_class_table(
+    per_class: dict[str, torch.Tensor], support: torch.Tensor, names: Sequence[str], path: Path, present: torch.Tensor
+) -> None:
+    """Precision, recall and F1 (torchmetrics, ``average=None``) and support of each class present."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "precision", "recall", "f1", "support"])
         for i in present.nonzero().flatten().tolist():
             name = names[i] if i < len(names) else str(i)
-            support = int(confusion[i].sum())
-            writer.writerow([name, f"{precision[i]:.4f}", f"{recall[i]:.4f}", f"{f1[i]:.4f}", support])
+            figures = [f"{float(per_class[k][i]):.4f}" for k in ("precision", "recall", "f1")]
+            writer.writerow([name, *figures, int(support[i])])
 
 
 def plot_validation_curves(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:

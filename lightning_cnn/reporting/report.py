@@ -44,6 +44,11 @@ class RunReport(L.Callback):
     timing travel in the checkpoints (``state_dict``), so a run resumed with ``--ckpt_path``, even from the
     mid-epoch checkpoint an interruption leaves, reports all its epochs and its training time and images
     over every part, not just the last.
+
+    Written here rather than taken from Lightning: its ``Timer`` times the "train" stage with the validation
+    inside it and keeps only the latest validation's duration, so it cannot give training time without
+    validation, which the speed figures (images/s) need; a ``CSVLogger`` writes per-step rows and, on a resume,
+    starts from what it holds in memory, while ``history.csv`` is one row per epoch that survives a resume.
     """
 
     def __init__(self) -> None:
@@ -167,7 +172,9 @@ class RunReport(L.Callback):
         confusion, names = pl_module.confusion["test"], list(pl_module.class_names)
         present = confusion.sum(dim=1) + confusion.sum(dim=0) > 0
         plot_confusion_matrix(confusion, names, folder / "confusion_matrix.png", present)
-        write_per_class_table(confusion, names, folder / "per_class.csv", present)
+        write_per_class_table(
+            pl_module.per_class["test"], confusion.sum(dim=1), names, folder / "per_class.csv", present
+        )
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
         if isinstance(datamodule, ResidentDataModule) and datamodule.test_split is not None:
             plot_test_samples(pl_module, datamodule, datamodule.test_split, names, folder / "test_samples.png")
@@ -202,21 +209,15 @@ def _log_to_wandb(
     y_pred = [index[p] for t in keep for p in keep for _ in range(int(confusion[t, p]))]
     with open(folder / "per_class.csv") as f:
         rows: list[list[Any]] = list(csv.reader(f))
-    run = logger.experiment
     pictures = {"confusion_matrix": "confusion_matrix_image", "test_samples": "samples", "learning_curves": "curves"}
-    images = {
-        key: wandb.Image(str(folder / f"{name}.png"))
-        for name, key in pictures.items()
-        if (folder / f"{name}.png").is_file()
-    }
-    run.log(
-        {
-            "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=labels),
-            "test/per_class": wandb.Table(columns=list(rows[0]), data=rows[1:]),
-            **{f"test/{name}": image for name, image in images.items()},
-        }
-    )
-    run.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
+    for name, key in pictures.items():
+        if (folder / f"{name}.png").is_file():
+            logger.log_image(f"test/{key}", [str(folder / f"{name}.png")])
+    logger.log_table("test/per_class", columns=list(rows[0]), data=rows[1:])
+    # W&B's interactive confusion-matrix chart has no WandbLogger method
+    chart = wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=labels)
+    logger.experiment.log({"test/confusion_matrix": chart})
+    logger.experiment.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
 
 
 def _read_summary(folder: Path) -> dict[str, Any]:
