@@ -39,6 +39,7 @@ from lightning_cnn.training.callbacks import (
 from lightning_cnn.training.runs import CHECKPOINTS, CKPT_KEYWORDS, RUN_ID_ENV, point_latest
 from lightning_cnn.training.settings import (
     CREATED,
+    apply_precision_recipe,
     check_checkpoint,
     check_settings,
     check_writable,
@@ -75,6 +76,13 @@ class CNNCLI(LightningCLI):
             type=str | None,
             default=None,
             help="Name of the experiment; its runs go to runs/<experiment>/<run id>/ (default: the config's name).",
+        )
+        parser.add_argument(
+            "--by_precision",
+            type=dict[str, dict[str, Any]] | None,
+            default=None,
+            help="In a config: settings that go with the precision this machine trains in, e.g. "
+            "{bf16-mixed: {data.init_args.batch_size: 128}}; options given on the command line win.",
         )
         parser.add_argument(
             "--run_id",
@@ -121,8 +129,9 @@ class CNNCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
-        check_settings(config)
         choose_hardware_settings(config)
+        apply_precision_recipe(config, list(args or []))
+        check_settings(config)
         # Before LightningCLI itself opens --ckpt_path (for its hyperparameters) with an opaque error.
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in CKPT_KEYWORDS and not Path(ckpt_path).is_dir():

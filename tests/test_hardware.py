@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from fakedata import QUICK as QUICK_FIT
-from fakedata import make_mnist_idx
+from fakedata import make_image_folder, make_mnist_idx
 
 from lightning_cnn.cli import run
 from lightning_cnn.training import hardware
@@ -61,3 +61,37 @@ def test_the_cli_picks_the_precision_unless_told_and_records_it(
                 "--trainer.precision=bf16-mixed"])  # fmt: skip
     assert told is not None and told.trainer.precision == "bf16-mixed"
     assert "Precision:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "args", "batch"),
+    [
+        ({"avx512f"}, [], 64),  # fp32: the config's own batch
+        ({"avx512_bf16"}, [], 128),  # bf16: the batch that goes with it (by_precision)
+        ({"avx512_bf16"}, ["--data.batch_size=32"], 32),  # the command line wins
+    ],
+)
+def test_a_recipe_takes_the_batch_size_of_the_precision_the_machine_picks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: set[str], args: list[str], batch: int
+) -> None:
+    monkeypatch.setattr(hardware, "cpu_flags", lambda *a: frozenset(flags))
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "cifar10", per_class_train=4, per_class_test=1)
+    cli = run(["fit", "--config", "cifar10_fast", f"--data.data_dir={data}", "--trainer.accelerator=cpu", *QUICK,
+               "--data.eval_batch_size=10", *args])  # fmt: skip
+    assert cli is not None and cli.datamodule.batch_size == batch
+    assert cli.trainer.max_epochs == 1  # QUICK's --trainer.max_epochs=1 wins over the recipe's epochs
+    saved = (tmp_path / "runs/cifar10_fast/latest/config.yaml").read_text()
+    assert f"batch_size: {batch}\n" in saved  # the run's config records what it trained with
+
+
+def test_a_recipe_naming_a_setting_the_config_lacks_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(hardware, "cpu_flags", lambda *a: frozenset({"avx512_bf16"}))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("by_precision:\n  bf16-mixed:\n    data.init_args.no_such_setting: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", "cifar10_fast", "--config", "bad.yaml", *QUICK])
+    assert exit_info.value.code == 2
+    assert "no_such_setting is not a setting of this config" in capsys.readouterr().err

@@ -34,6 +34,42 @@ def choose_hardware_settings(config: Namespace) -> None:
         model.compile = compile_pays(trainer.get("accelerator"))
 
 
+def apply_precision_recipe(config: Namespace, args: list[str]) -> None:
+    """Apply the config's ``by_precision`` settings for the precision this run trains in.
+
+    A recipe's best batch size (and with it its epochs) depends on the precision: on a CPU with AVX-512 BF16 a
+    batch of 128 trains about 40% faster per image than 64 in bf16, while in fp32 the two are alike. The
+    precision is chosen in code for the machine (:func:`choose_hardware_settings`); the config says what goes
+    with each. An option given on the command line (``--data.batch_size 64``) wins over it.
+
+    Raises:
+        ConfigError: a ``by_precision`` entry names a setting the config does not have.
+    """
+    recipes = config.get("by_precision") or {}
+    chosen = recipes.get(str(config.trainer.get("precision")))
+    if not chosen:
+        return
+    given = {_plain_key(a[2:].split("=", 1)[0]) for a in args if a.startswith("--")}
+    applied = []
+    for key, value in chosen.items():
+        if _plain_key(key) in given:
+            continue
+        try:
+            config[key]
+        except KeyError:
+            raise ConfigError(
+                f"by_precision.{config.trainer.precision}: {key} is not a setting of this config."
+            ) from None
+        config[key] = value
+        applied.append(f"{key}={value}")
+    if applied and process_rank() == 0:
+        print(f"Recipe for {config.trainer.precision}: {', '.join(applied)} (the config's by_precision).")
+
+
+def _plain_key(key: str) -> str:
+    return key.replace(".init_args.", ".")
+
+
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators accept
 
 
