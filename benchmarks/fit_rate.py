@@ -11,6 +11,17 @@ from pathlib import Path
 
 
 def fit_images_per_second(config: str, data_dir: str, batches: int, *extra: str, wandb: bool = False) -> float:
+    """Training images/s of :func:`fit_summary`'s run, its first step included."""
+    return float(fit_summary(config, data_dir, batches, *extra, wandb=wandb)["train_images_per_second"])
+
+
+def steady_images_per_second(summary: dict) -> float:
+    """Training images/s after the first step (its one-time set-up: kernel selection, compile)."""
+    first = summary["train_images"] / max(summary["epochs"], 1) / summary["batches"]
+    return (summary["train_images"] - first) / (summary["train_seconds"] - summary["first_step_seconds"])
+
+
+def fit_summary(config: str, data_dir: str, batches: int, *extra: str, wandb: bool = False) -> dict:
     """One epoch of ``batches`` training batches of the shipped config ``config``, no validation, no test.
 
     Args:
@@ -31,5 +42,5 @@ def fit_images_per_second(config: str, data_dir: str, batches: int, *extra: str,
             cmd.append("--trainer.logger=false")
         env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
         subprocess.run(cmd, check=True, capture_output=True, cwd=out, env=env)
-        summary = Path(out, "runs", "latest", "summary.json")
-        return float(json.loads(summary.read_text())["train_images_per_second"])
+        summary = json.loads(Path(out, "runs", "latest", "summary.json").read_text())
+        return {**summary, "batches": batches}

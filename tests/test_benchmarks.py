@@ -9,14 +9,17 @@ import pytest
 from fakedata import make_mnist_idx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fit_rate import fit_images_per_second
+from fit_rate import fit_summary, steady_images_per_second
 
 
 @pytest.mark.slow
 def test_fit_rate_reports_training_images_per_second(tmp_path: Path) -> None:
     make_mnist_idx(tmp_path, n_train=256, n_test=32)
-    rate = fit_images_per_second("mnist", str(tmp_path), 2, "--data.batch_size=64", wandb=True)
-    assert rate > 0
+    summary = fit_summary("mnist", str(tmp_path), 2, "--data.batch_size=64", wandb=True)
+    assert summary["train_images"] == 2 * 64  # two batches, nothing else counted
+    assert summary["train_images_per_second"] == pytest.approx(128 / summary["train_seconds"], rel=0.01)
+    steady = steady_images_per_second(summary)  # the second batch alone
+    assert steady == pytest.approx(64 / (summary["train_seconds"] - summary["first_step_seconds"]), rel=0.01)
 
 
 def test_with_steal_reports_the_share_of_cpu_time_taken_meanwhile(tmp_path: Path) -> None:

@@ -72,19 +72,19 @@ def test_phase1_accuracy_after_transfer_and_finetune_is_reported_and_compared(
     checkpoint = f"--model.network.init_args.checkpoint_path={phase1_checkpoint}"
     for config in ("split_cifar10_phase2_transfer", "split_cifar10_phase2_finetune"):
         fit(config, fake_root, checkpoint, "--trainer.limit_train_batches=4", "--trainer.limit_test_batches=null")
-    phase1 = json.loads((phase1_checkpoint.parents[1] / "summary.json").read_text())["test"]["test/acc"]
     transfer, finetune = (
         json.loads((workdir / f"runs/split_cifar10_phase2_{kind}/latest/summary.json").read_text())["test"]
         for kind in ("transfer", "finetune")
     )
-    # A frozen backbone under the phase-1 head gives back the phase-1 test figure exactly.
-    assert transfer["test/phase1_acc"] == pytest.approx(phase1)
-    assert 0.0 <= finetune["test/phase1_acc"] <= 1.0
+    # A frozen backbone under the phase-1 head gives back the phase-1 figure exactly (both computed alike), and
+    # both phase-2 runs measure the same phase-1 network before phase 2.
+    assert transfer["test/phase1_acc"] == transfer["test/phase1_acc_before"]
+    assert finetune["test/phase1_acc_before"] == transfer["test/phase1_acc_before"]
     capsys.readouterr()
     main(["compare", "runs/split_cifar10_phase2_transfer/latest", "runs/split_cifar10_phase2_finetune/latest",
           "--output=t.md", "--plot=t.png"])  # fmt: skip
     table = (workdir / "t.md").read_text()
-    assert "phase-1 acc after phase 2" in table and f"{100 * phase1:.2f}%" in table
+    assert "phase-1 acc after phase 2" in table and f"{100 * transfer['test/phase1_acc']:.2f}%" in table
 
 
 def test_phase1_retention_needs_a_split_phase2_run(
@@ -223,20 +223,20 @@ def test_unknown_config_file(workdir: Path, capsys: pytest.CaptureFixture) -> No
 
 @pytest.mark.slow
 def test_mnist_config_one_epoch_on_real_data(real_data: Path, workdir: Path) -> None:
-    # Seed 1: one-epoch accuracy of this recipe varies with the seed (seeds 0-3 gave 97.98, 98.38, 98.38, 98.46%).
+    # One epoch of this recipe gave 97.98, 98.38, 98.38 and 98.46% test accuracy with seeds 0-3 (fp32): the
+    # threshold holds for any of them, so the test runs the config's own seed.
     cli = run(
         [
             "fit",
             "--config",
             str(CONFIGS / "mnist.yaml"),
             f"--data.data_dir={real_data}",
-            "--seed_everything=1",
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=false",
         ]
     )
-    assert cli.trainer.callback_metrics["test/acc"] >= 0.98
+    assert cli.trainer.callback_metrics["test/acc"] >= 0.975
 
 
 def test_run_folder_report_and_compare(fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -249,11 +249,16 @@ def test_run_folder_report_and_compare(fake_root: Path, workdir: Path, capsys: p
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["parameters"] == summary["trainable_parameters"] == 225034
-    assert summary["train_images_per_second"] > 0 and 0 <= summary["test"]["test/acc"] <= 1
+    rate = summary["train_images"] / summary["train_seconds"]
+    assert summary["train_images_per_second"] == pytest.approx(rate, rel=0.01)
+    per_class = list(csv.DictReader((run / "per_class.csv").open()))  # accuracy = support-weighted recall
+    correct = sum(float(r["recall"]) * int(r["support"]) for r in per_class)
+    assert summary["test"]["test/acc"] == pytest.approx(correct / sum(int(r["support"]) for r in per_class), abs=1e-4)
     assert 0 < summary["first_step_seconds"] < summary["train_seconds"]  # compile/warm-up, reported apart
     history = list(csv.DictReader((run / "history.csv").open()))
     assert [r["epoch"] for r in history] == ["0.0", "1.0"] and all(r["val/acc"] for r in history)
-    assert all(0.0 <= float(r["train/acc"]) <= 1.0 for r in history)  # accumulated over the epoch's batches
+    assert all(r["train/acc"] for r in history)  # accumulated over the epoch's batches, logged once per epoch
+    assert float(history[1]["train_seconds"]) > float(history[0]["train_seconds"])  # training time so far
     capsys.readouterr()
     main(["compare", "runs/mnist/latest", "runs/split_cifar10_phase1/latest", "--output=cmp/table.md",
           "--plot=cmp/curves.png"])  # fmt: skip
