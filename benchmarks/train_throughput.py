@@ -3,9 +3,11 @@
 (a) the assignment's loop: plain PyTorch, torchvision ``ImageFolder`` + PIL transforms, ``DataLoader``, fp32,
     NCHW, SGD, batch 128;
 (b) a bare PyTorch loop over resident tensors with the same batched augmentation as lightning_cnn and the
-    base config's settings (channels-last, batch 128), in fp32 and in bf16 autocast: the compute ceilings;
-(c) ``lightning-cnn fit --config cifar10_base`` in fp32, in bf16-mixed, and as shipped (the precision this
-    machine picks), and the fast config as shipped (one process each; images/s measured by the run report).
+    base config's settings (channels-last), in fp32 and in bf16 autocast, at each ``--batch-sizes``: the
+    compute ceilings;
+(c) ``lightning-cnn fit --config cifar10_base`` in fp32 and bf16-mixed at the same batch sizes, and as shipped
+    (the precision this machine picks), and the fast config as shipped (one process each; images/s measured
+    by the run report).
 
 All variants are timed alike: each in a fresh process (``fit`` always is one; a loop that ran in the
 benchmark's own process paid oneDNN's per-process kernel set-up only once, which flattered the bare bf16
@@ -20,7 +22,7 @@ spreads that drift over all variants alike), and the share of CPU time the hyper
 during each run ("steal", from ``/proc/stat``; a slowed run shows it). On a GPU machine the same script
 runs there (the data of (b) and (c) then stays on the GPU). Usage::
 
-    python benchmarks/train_throughput.py --data-dir ../shared/data --batches 150 --repeats 3
+    python benchmarks/train_throughput.py --data-dir ../shared/data --batches 150 --repeats 3 --batch-sizes 64 128
 """
 
 from __future__ import annotations
@@ -45,8 +47,17 @@ from lightning_cnn.training.hardware import choose_precision
 
 CIFAR10_TRAIN_IMAGES = 50_000
 ASSIGNMENT = "(a) assignment loop (PIL transforms, DataLoader, fp32)"
-BARE = {p: f"(b) bare PyTorch loop, resident tensors, {p}" for p in ("32-true", "bf16-mixed")}
-FIT = {p: f"(c) lightning-cnn fit --config cifar10_base --trainer.precision {p}" for p in ("32-true", "bf16-mixed")}
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def bare_name(precision: str, batch: int) -> str:
+    return f"(b) bare PyTorch loop, resident tensors, {precision}, batch {batch}"
+
+
+def fit_name(precision: str, batch: int) -> str:
+    return f"(c) lightning-cnn fit --config cifar10_base --trainer.precision {precision} --data.batch_size {batch}"
+
+
 SHIPPED = "(c) lightning-cnn fit --config cifar10_base (as shipped: this machine's precision)"
 FAST = "(c) lightning-cnn fit --config cifar10_fast (as shipped: this machine's precision and its batch)"
 
@@ -98,7 +109,7 @@ def assignment_loop(folder: Path, batches: int, workers: int) -> tuple[float, fl
     return n / seconds, (n - first[0]) / (seconds - first[1])
 
 
-def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False) -> tuple[float, float]:
+def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False, batch: int = 128) -> tuple[float, float]:
     from lightning_cnn.data import CIFAR10DataModule
     from lightning_cnn.data.augment import flip_and_crop
     from lightning_cnn.data.loader import ResidentBatches
@@ -108,7 +119,7 @@ def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False) -> tuple
     dm = CIFAR10DataModule(data_dir, download=False)
     dm.setup()
     assert dm.train_split is not None
-    stream = ResidentBatches(dm.train_split, 128, train=True, pad=4, flip_p=0.5, device=device)
+    stream = ResidentBatches(dm.train_split, batch, train=True, pad=4, flip_p=0.5, device=device)
     net = CIFARCNN().to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     n, start, i, first = 0, time.perf_counter(), 0, (0, 0.0)
@@ -151,20 +162,27 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=150, help="timed training batches per variant")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the assignment loop")
     parser.add_argument("--repeats", type=int, default=1, help="round-robin runs of every variant; medians shown")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128], help="batch sizes of (b) and (c)")
     args = parser.parse_args()
     folder = next(p for p in Path(args.data_dir).iterdir() if "cifar" in p.name.lower() and (p / "train").is_dir())
 
     variants: dict[str, Callable[[], tuple[float, float]]] = {
-        ASSIGNMENT: partial(in_fresh_process, assignment_loop, folder, args.batches, args.workers),
-        BARE["32-true"]: partial(in_fresh_process, bare_resident_loop, args.data_dir, args.batches),
-        BARE["bf16-mixed"]: partial(in_fresh_process, bare_resident_loop, args.data_dir, args.batches, bf16=True),
-        FIT["32-true"]: partial(fit_rates, "cifar10_base", args.data_dir, args.batches, "--trainer.precision=32-true"),
-        FIT["bf16-mixed"]: partial(
-            fit_rates, "cifar10_base", args.data_dir, args.batches, "--trainer.precision=bf16-mixed"
-        ),
-        SHIPPED: partial(fit_rates, "cifar10_base", args.data_dir, args.batches),
-        FAST: partial(fit_rates, "cifar10_fast", args.data_dir, args.batches),
+        ASSIGNMENT: partial(in_fresh_process, assignment_loop, folder, args.batches, args.workers)
     }
+    same: dict[str, str] = {}  # each Lightning variant -> the bare loop it is compared with
+    for batch in args.batch_sizes:
+        for precision in PRECISIONS:
+            bf16 = precision == "bf16-mixed"
+            variants[bare_name(precision, batch)] = partial(
+                in_fresh_process, bare_resident_loop, args.data_dir, args.batches, bf16=bf16, batch=batch
+            )
+            variants[fit_name(precision, batch)] = partial(
+                fit_rates, "cifar10_base", args.data_dir, args.batches, f"--trainer.precision={precision}",
+                f"--data.batch_size={batch}",
+            )  # fmt: skip
+            same[bare_name(precision, batch)] = same[fit_name(precision, batch)] = bare_name(precision, batch)
+    variants[SHIPPED] = partial(fit_rates, "cifar10_base", args.data_dir, args.batches)
+    variants[FAST] = partial(fit_rates, "cifar10_fast", args.data_dir, args.batches)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     steals: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -184,13 +202,13 @@ def main() -> None:
     print("| variant | images/s, all batches (median) | vs (a) | vs bare, same precision "
           "| images/s after the first step | vs bare, same precision | runs (all batches) | CPU steal |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---|---|")
-    same = {BARE["32-true"]: "32-true", BARE["bf16-mixed"]: "bf16-mixed", FIT["32-true"]: "32-true",
-            FIT["bf16-mixed"]: "bf16-mixed", SHIPPED: picked}  # fmt: skip
+    if bare_name(picked, 128) in variants:
+        same[SHIPPED] = bare_name(picked, 128)
     for name in variants:
         each = ", ".join(f"{r[0]:,.0f}" for r in runs[name])
         stolen = ", ".join(f"{100 * st:.0f}%" for st in steals[name]) or "n/a"
-        bare = f"{overall[name] / overall[BARE[same[name]]]:.2f}x" if name in same else "-"
-        bare_steady = f"{steady[name] / steady[BARE[same[name]]]:.2f}x" if name in same else "-"
+        bare = f"{overall[name] / overall[same[name]]:.2f}x" if name in same else "-"
+        bare_steady = f"{steady[name] / steady[same[name]]:.2f}x" if name in same else "-"
         print(f"| {name} | {overall[name]:,.0f} | {overall[name] / a:.2f}x | {bare} | {steady[name]:,.0f} "
               f"| {bare_steady} | {each} | {stolen} |")  # fmt: skip
     # The time target compares whole recipes: the assignment's 30 epochs in its own loop against the fast
