@@ -354,6 +354,36 @@ def _log_study_to_wandb(study: Path, result: dict[str, Any], group: str) -> None
     finish_wandb_run_started_since(before, failed=False)
 
 
+def link_lineage(study: Path, project: str = "lightning-cnn", entity: str | None = None) -> int:
+    """After ``wandb sync`` of an offline study: make each phase-2 run use its phase-1 model artifact on the server.
+
+    W&B refuses ``use_artifact`` in an offline run, so the study keeps the references (``study.json``,
+    ``uses_artifact``); W&B's public API declares them on the synced runs. Returns how many were linked.
+
+    Raises:
+        UserError: the folder holds no finished study, or the server cannot be reached.
+    """
+    try:
+        uses = json.loads((study / RESULT).read_text())["uses_artifact"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{study} holds no finished study ({RESULT}): {err}") from err
+    import wandb
+
+    try:
+        api = wandb.Api()
+        entity = entity or api.default_entity
+        for folder, reference in uses.items():
+            artifact = api.artifact(f"{entity}/{project}/{reference}", type="model")
+            api.run(f"{entity}/{project}/{Path(folder).name}").use_artifact(artifact)
+            print(f"{Path(folder).name} uses {reference}")
+    except (wandb.errors.CommError, wandb.errors.UsageError, ValueError) as err:
+        raise UserError(
+            f"W&B could not link the study's runs ({err}). "
+            f"Sync them first: wandb sync {study}/runs/*/*/wandb/offline-run-*"
+        ) from err
+    return len(uses)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-cnn study",
@@ -361,15 +391,25 @@ def main(argv: list[str]) -> None:
         "(--data.data_dir, --trainer.max_epochs, ...) go to every run.",
         exit_on_error=False,
     )
-    parser.add_argument("target", help=f"'{SPLIT}' (the transfer protocol) or an experiment config (name or YAML)")
+    parser.add_argument(
+        "target", nargs="?", help=f"'{SPLIT}' (the transfer protocol) or an experiment config (name or YAML)"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--first_seed", type=int, default=0, help="seeds are first_seed, first_seed+1, ...")
     parser.add_argument("--dir", type=Path, default=Path("studies"), help="where studies go (default ./studies)")
     parser.add_argument("--new", action="store_true", help="start a new study instead of continuing one")
+    parser.add_argument("--link", type=Path, metavar="STUDY", help="after wandb sync of an offline study: link "
+                        "each phase-2 run to the phase-1 model artifact it used, on the W&B server")  # fmt: skip
+    parser.add_argument("--project", default="lightning-cnn", help="W&B project of the study's runs (with --link)")
     try:
         known, forwarded = parser.parse_known_args(argv)
     except argparse.ArgumentError as err:
         raise ConfigError(f"{err}. See lightning-cnn study --help") from None
+    if known.link is not None:
+        link_lineage(known.link, known.project)
+        return
+    if known.target is None:
+        raise ConfigError("Name what to study: split_cifar10 or a config. See lightning-cnn study --help")
     if known.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {known.seeds}")
     seeds = list(range(known.first_seed, known.first_seed + known.seeds))

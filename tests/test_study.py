@@ -148,3 +148,36 @@ def test_a_split_study_through_the_cli_on_fake_data(tmp_path: Path, monkeypatch:
     assert [r.split("-s0-")[1] for r in runs] == ["finetune", "phase1", "scratch", "transfer"]
     assert (study / "study.png").is_file()
     assert (tmp_path / "studies/split_cifar10/latest").resolve() == study.resolve()
+
+
+def test_link_declares_each_phase2_run_a_user_of_its_phase1_artifact(tmp_path: Path, monkeypatch) -> None:
+    """After `wandb sync` of an offline study, W&B's public API makes the lineage W&B refused offline."""
+    import wandb
+
+    calls: list[tuple[str, str]] = []
+
+    class Run:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def use_artifact(self, artifact: str) -> None:
+            calls.append((self.path, artifact))
+
+    class Api:
+        default_entity = "me"
+
+        def artifact(self, name: str, type: str) -> str:
+            assert type == "model"
+            return name
+
+        def run(self, path: str) -> Run:
+            return Run(path)
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    study = run_study("split_cifar10", [0], [], tmp_path, run=_fake_fit([]))
+    main(["study", "--link", str(study)])
+    phase1 = f"{study.name}-s0-phase1"
+    assert sorted(calls) == [
+        (f"me/lightning-cnn/{study.name}-s0-{method}", f"me/lightning-cnn/model-{phase1}:best")
+        for method in ("finetune", "transfer")
+    ]
