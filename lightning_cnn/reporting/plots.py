@@ -126,7 +126,7 @@ def plot_study(result: dict[str, Any], runs: dict[int, dict[str, dict[str, Any]]
                         text,
                         ha="center",
                         va="center",
-                        color="white" if c["mean"] is None or c["mean"] < 0.6 else "black",
+                        color="black" if c["mean"] is None or c["mean"] >= 0.6 else "white",
                     )
             ax.set_xticks([0, 1], ["phase 1 classes", "phase 2 classes"])
             ax.set_yticks([0, 1], ["after phase 1", "after phase 2"])
