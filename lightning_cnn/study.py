@@ -329,8 +329,9 @@ def config_markdown(result: dict[str, Any]) -> str:
         "|---|---:|---|",
     ]
     for key, figure in sorted(agg["test"].items()):
-        values = ", ".join("-" if v is None else f"{v * 100:.2f}" for v in figure["values"])
-        lines.append(f"| {key} (%) | {_pm(figure)} | {values} |")
+        scale, unit = (1.0, "") if key.endswith("loss") else (100.0, " (%)")  # losses are not shares
+        values = ", ".join("-" if v is None else f"{v * scale:.2f}" for v in figure["values"])
+        lines.append(f"| {key}{unit} | {_pm(figure, scale)} | {values} |")
     for key, digits in (("train_seconds", 0), ("epochs", 0)):
         values = ", ".join("-" if v is None else f"{v:.{digits}f}" for v in agg[key]["values"])
         lines.append(f"| {key} | {_pm(agg[key], 1, digits)} | {values} |")
