@@ -147,8 +147,22 @@ def in_fresh_process(measure: Callable[..., tuple[float, float]], *args: Any, **
     """Run a measurement in a new Python process, as ``fit`` runs: each pays the same one-time set-up (oneDNN
     picks and JIT-compiles its kernels per process, which costs more for bf16 than fp32 on CPU)."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(measure, args, kwargs)
+    queue = context.Queue()
+    # a plain process, not a Pool's daemon worker: the assignment loop's DataLoader starts workers of its own
+    process = context.Process(target=_measure_into, args=(queue, measure, args, kwargs))
+    process.start()
+    result = queue.get()
+    process.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _measure_into(queue: Any, measure: Callable[..., tuple[float, float]], args: tuple, kwargs: dict) -> None:
+    try:
+        queue.put(measure(*args, **kwargs))
+    except BaseException as err:  # handed to the parent, which raises it
+        queue.put(err)
 
 
 def fit_rates(config: str, data_dir: str, batches: int, *extra: str) -> tuple[float, float]:
