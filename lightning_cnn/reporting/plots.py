@@ -24,12 +24,8 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: Path, title:
                 ax.plot(*zip(*points, strict=True), style, label=f"{stage}/{metric}", markersize=3)
         ax.set_xlabel("epoch")
         ax.set_title(f"{title} {metric}".strip())
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        _grid_and_legend(ax)
+    _save(fig, path)
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, names: Sequence[str], path: Path, present: torch.Tensor) -> None:
@@ -42,9 +38,7 @@ def plot_confusion_matrix(confusion: torch.Tensor, names: Sequence[str], path: P
     MulticlassConfusionMatrix(len(labels)).plot(val=confusion[keep][:, keep], ax=ax, labels=labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_per_class_table(
@@ -71,9 +65,7 @@ def plot_validation_curves(curves: dict[str, list[tuple[float, float]]], path: P
     ax.grid(alpha=0.3)
     if any(curves.values()):
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_test_samples(
@@ -97,9 +89,7 @@ def plot_test_samples(
         ax.set_title(f"{name(p)}\n({name(t)})", fontsize=7, color="black" if p == t else "red")
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_study(result: dict[str, Any], runs: dict[int, dict[str, dict[str, Any]]], path: Path) -> None:
@@ -148,9 +138,17 @@ def plot_study(result: dict[str, Any], runs: dict[int, dict[str, dict[str, Any]]
     ax.set_xlabel("epoch")
     ax.set_ylabel("val acc (%), mean ± std over seeds")
     ax.set_title("phase 2" if matrices else Path(result["target"]).stem)
+    _grid_and_legend(ax)
+    _save(fig, path)
+
+
+def _grid_and_legend(ax: Any) -> None:
     ax.grid(alpha=0.3)
     if ax.get_lines():
         ax.legend()
+
+
+def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
