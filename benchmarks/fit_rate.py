@@ -18,7 +18,7 @@ def fit_images_per_second(config: str, data_dir: str, batches: int, *extra: str,
 def steady_images_per_second(summary: dict) -> float:
     """Training images/s after the first step (its one-time set-up: kernel selection, compile)."""
     first = summary["train_images"] / max(summary["epochs"], 1) / summary["batches"]
-    return (summary["train_images"] - first) / (summary["train_seconds"] - summary["first_step_seconds"])
+    return (summary["train_images"] - first) / max(summary["train_seconds"] - summary["first_step_seconds"], 1e-9)
 
 
 def fit_summary(config: str, data_dir: str, batches: int, *extra: str, wandb: bool = False) -> dict:
