@@ -158,9 +158,11 @@ def _read_run(folder: Path) -> dict[str, Any]:
 
 
 def _finished(folder: Path) -> bool:
+    from lightning_cnn.reporting.report import read_summary
+
     try:
-        return "test" in json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
+        return "test" in read_summary(folder)
+    except UserError:
         return False
 
 
@@ -202,7 +204,7 @@ def run_step(step: Step, study: Path, group: str, phase1: Path | None, forwarded
     return folder
 
 
-def _study_folder(root: Path, name: str, plan: dict[str, Any], new: bool) -> tuple[Path, bool]:
+def _study_folder(root: Path, plan: dict[str, Any], new: bool) -> tuple[Path, bool]:
     """The newest unfinished study with this plan (continued), else a new folder."""
     if not new and root.is_dir():
         for folder in sorted((p for p in root.iterdir() if p.is_dir() and not p.is_symlink()), reverse=True):
@@ -232,7 +234,7 @@ def run_study(
         resolve_config(target)  # an unknown config stops here, before any folder is made
     name = SPLIT if target == SPLIT else Path(target).stem
     plan = {"target": target, "seeds": list(seeds), "forwarded": list(forwarded)}
-    study, continued = _study_folder(root / name, name, plan, new)
+    study, continued = _study_folder(root / name, plan, new)
     print(f"lightning-cnn study: {'continuing' if continued else 'starting'} {study}")
     group = f"{name}-{study.name}"
     folders: dict[int, dict[str, Path]] = {}

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_cnn import __version__
 from lightning_cnn.checkpoints import write_atomically
 from lightning_cnn.data import ResidentDataModule
+from lightning_cnn.errors import UserError
 from lightning_cnn.models import ImageClassifier
 
 SUMMARY = "summary.json"
@@ -222,15 +223,13 @@ def _log_to_wandb(
 
 def _read_summary(folder: Path) -> dict[str, Any]:
     try:
-        return dict(json.loads((folder / SUMMARY).read_text()))
-    except (OSError, ValueError):
+        return read_summary(folder)
+    except UserError:
         return {"run": folder.name}
 
 
 def read_summary(folder: Path) -> dict[str, Any]:
     """A run folder's ``summary.json``; a missing or damaged one stops with one line."""
-    from lightning_cnn.errors import UserError
-
     try:
         return dict(json.loads((folder / SUMMARY).read_text()))
     except (OSError, ValueError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import cast
 
 import lightning as L
@@ -71,8 +72,8 @@ class PhaseOneRetention(Callback):
         cast(nn.Module, after.backbone).load_state_dict(backbone.state_dict())
         # Both by the same computation, so a backbone phase 2 left unchanged shows exactly zero forgetting.
         # Every process computes the same figures over the whole phase-1 test set, so no reduction is needed.
-        for key, network in (("test/phase1_acc_before", before), ("test/phase1_acc", after)):
-            correct, total = _test_counts(network, datamodule, 1, pl_module.device)
+        counts = _test_counts([before, after], datamodule, 1, pl_module.device)
+        for key, (correct, total) in zip(("test/phase1_acc_before", "test/phase1_acc"), counts, strict=True):
             pl_module.log(key, correct / total)
 
 
@@ -101,22 +102,26 @@ class ClassIncrementalAccuracy(Callback):
             return
         assert isinstance(pl_module, ImageClassifier)  # checked in setup()
         network = pl_module.network.eval()
-        counts = [_test_counts(network, datamodule, phase, pl_module.device) for phase in (1, 2)]
+        counts = [_test_counts([network], datamodule, phase, pl_module.device)[0] for phase in (1, 2)]
         pl_module.log("test/all_classes_acc", sum(c for c, _ in counts) / sum(n for _, n in counts))
 
 
 def _test_counts(
-    network: nn.Module, datamodule: SplitCIFAR10DataModule, phase: int, device: torch.device
-) -> tuple[int, int]:
-    """Correct predictions of ``network`` on the test images of one phase of the run's split, and their count."""
+    networks: Sequence[nn.Module], datamodule: SplitCIFAR10DataModule, phase: int, device: torch.device
+) -> list[tuple[int, int]]:
+    """Correct predictions of each network on the test images of one phase of the run's split, and their count.
+
+    The phase's data is built and walked once for all the networks.
+    """
     # The run's data settings with the phase swapped in; LightningCLI adds a "_class_path" entry to drop.
     settings = {k: v for k, v in datamodule.hparams.items() if not k.startswith("_")}
     data = type(datamodule)(**{**settings, "phase": phase, "data_on_device": False})
     data.setup("test")
-    correct, total = 0, 0
+    correct, total = [0] * len(networks), 0
     with torch.inference_mode():
         for batch in data.test_dataloader():  # evaluation batches: (images, labels)
             x, y = data.on_after_batch_transfer(tuple(t.to(device) for t in batch), 0)
-            correct += int((network(x).argmax(dim=1) == y).sum())
+            for i, network in enumerate(networks):
+                correct[i] += int((network(x).argmax(dim=1) == y).sum())
             total += len(y)
-    return correct, total
+    return [(c, total) for c in correct]
