@@ -6,8 +6,8 @@
     base config's settings (channels-last), in fp32 and in bf16 autocast, at each ``--batch-sizes``: the
     compute ceilings;
 (c) ``lightning-cnn fit --config cifar10_base`` in fp32 and bf16-mixed at the same batch sizes, and as shipped
-    (the precision this machine picks), and the fast config as shipped (one process each; images/s measured
-    by the run report).
+    (the precision this machine picks), and the fast config as shipped and, where the machine picks bf16,
+    in fp32 (its recipe on a CPU without bf16); one process each, images/s measured by the run report.
 
 All variants are timed alike: each in a fresh process (``fit`` always is one; a loop that ran in the
 benchmark's own process paid oneDNN's per-process kernel set-up only once, which flattered the bare bf16
@@ -60,6 +60,7 @@ def fit_name(precision: str, batch: int) -> str:
 
 SHIPPED = "(c) lightning-cnn fit --config cifar10_base (as shipped: this machine's precision)"
 FAST = "(c) lightning-cnn fit --config cifar10_fast (as shipped: this machine's precision and its batch)"
+FAST_FP32 = "(c) lightning-cnn fit --config cifar10_fast --trainer.precision 32-true (its recipe on a CPU without bf16)"
 
 
 def _device() -> torch.device:
@@ -197,6 +198,13 @@ def main() -> None:
             same[bare_name(precision, batch)] = same[fit_name(precision, batch)] = bare_name(precision, batch)
     variants[SHIPPED] = partial(fit_rates, "cifar10_base", args.data_dir, args.batches)
     variants[FAST] = partial(fit_rates, "cifar10_fast", args.data_dir, args.batches)
+    choice = choose_precision("auto")
+    picked = choice.precision if choice else "32-true"
+    why = choice.reason if choice else "Lightning's default"
+    if picked != "32-true":  # the fp32 recipe too: the time target on a CPU without bf16 is read from it
+        variants[FAST_FP32] = partial(
+            fit_rates, "cifar10_fast", args.data_dir, args.batches, "--trainer.precision=32-true"
+        )
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     steals: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -208,9 +216,6 @@ def main() -> None:
     overall = {name: statistics.median(r[0] for r in rates) for name, rates in runs.items()}
     steady = {name: statistics.median(r[1] for r in rates) for name, rates in runs.items()}
     a = overall[ASSIGNMENT]
-    choice = choose_precision("auto")
-    picked = choice.precision if choice else "32-true"
-    why = choice.reason if choice else "Lightning's default"
     print(f"CIFAR CNN training, {args.batches} batches each, every variant in a fresh process, {args.repeats} "
           f"run(s), device {_device()}; this machine picks {picked} ({why})")  # fmt: skip
     print("| variant | images/s, all batches (median) | vs (a) | vs bare, same precision "
@@ -226,19 +231,21 @@ def main() -> None:
         print(f"| {name} | {overall[name]:,.0f} | {overall[name] / a:.2f}x | {bare} | {steady[name]:,.0f} "
               f"| {bare_steady} | {each} | {stolen} |")  # fmt: skip
     # The time target compares whole recipes: the assignment's 30 epochs in its own loop against the fast
-    # config's epochs at this machine's precision, both at the rates just measured (training time only).
+    # config's epochs at this machine's precision (and at fp32, its recipe for a CPU without bf16), both at
+    # the rates just measured (training time only).
     assignment_s = 30 * CIFAR10_TRAIN_IMAGES / a
-    epochs = fast_epochs(picked)
-    fast_s = epochs * CIFAR10_TRAIN_IMAGES / overall[FAST]
-    print(
-        f"\nTraining time at these rates: the assignment's recipe (30 epochs in loop (a)) {assignment_s:,.0f} s; "
-        f"cifar10_fast ({epochs} epochs in {picked}) {fast_s:,.0f} s = {fast_s / assignment_s:.2f} of it."
-    )
+    print(f"\nTraining time at these rates: the assignment's recipe (30 epochs in loop (a)) {assignment_s:,.0f} s")
+    for name, precision in ((FAST, picked), (FAST_FP32, "32-true")):
+        if name in overall:
+            epochs = fast_epochs(precision)
+            fast_s = epochs * CIFAR10_TRAIN_IMAGES / overall[name]
+            print(f"cifar10_fast ({epochs} epochs in {precision}) {fast_s:,.0f} s = {fast_s / assignment_s:.2f} of it")
 
 
-def fast_epochs(precision: str) -> int:
-    """The fast recipe's epochs at a precision: its own, or what its ``by_precision`` sets for that precision."""
-    config = yaml.safe_load(shipped_config("cifar10_fast").read_text())
+def fast_epochs(precision: str, path: Path | None = None) -> int:
+    """A recipe's epochs at a precision (``cifar10_fast``'s unless ``path`` names another config): what its
+    ``by_precision`` sets for that precision, else its own ``trainer.max_epochs``."""
+    config = yaml.safe_load((path or shipped_config("cifar10_fast")).read_text())
     recipe = (config.get("by_precision") or {}).get(precision) or {}
     return int(recipe.get("trainer.max_epochs", config["trainer"]["max_epochs"]))
 

@@ -41,3 +41,17 @@ def test_with_steal_is_unknown_without_proc_stat(tmp_path: Path) -> None:
     from cpu_steal import with_steal
 
     assert with_steal(lambda: 1, tmp_path / "missing") == (1, None)
+
+
+def test_time_target_reads_the_epochs_of_the_recipe_each_precision_trains(tmp_path: Path) -> None:
+    from train_throughput import fast_epochs
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        "by_precision:\n  bf16-mixed:\n    trainer.max_epochs: 18\n  16-mixed: {data.init_args.batch_size: 256}\n"
+        "trainer:\n  max_epochs: 14\n"
+    )
+    assert fast_epochs("bf16-mixed", config) == 18
+    assert fast_epochs("16-mixed", config) == 14  # its recipe changes the batch, not the epochs
+    assert fast_epochs("32-true", config) == 14
+    assert fast_epochs("32-true") >= 1  # the shipped fast config
