@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_cnn import __version__
 from lightning_cnn.checkpoints import AtomicCheckpointIO
 from lightning_cnn.data import ResidentDataModule
-from lightning_cnn.errors import checkpoint_mismatch, one_line, user_error
+from lightning_cnn.errors import checkpoint_mismatch, moved_class_hint, one_line, user_error
 from lightning_cnn.experiments import resolve_config_args
 from lightning_cnn.models import ImageClassifier, TransferNet
 from lightning_cnn.reporting.report import RunReport
@@ -307,7 +307,8 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
             raise
         subcommand = next((a for a in argv if a in CNNCLI.subcommands()), None)
         hint = f" See lightning-cnn {subcommand} --help" if isinstance(cause, ArgumentError) and subcommand else ""
-        print(f"lightning-cnn: error: {one_line(cause)}{hint}", file=sys.stderr)
+        line = one_line(cause)
+        print(f"lightning-cnn: error: {line}{moved_class_hint(line) or hint}", file=sys.stderr)
         raise SystemExit(EXIT_DIVERGED if isinstance(cause, TrainingDiverged) else EXIT_BAD_INPUT) from None
     finally:
         finish_wandb_run_started_since(wandb_run_before, failed)

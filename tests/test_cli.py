@@ -183,6 +183,16 @@ UNWRITABLE = "/proc/version/out"  # a path under a file: not creatable, even by 
 BAD_INPUT += [
     ("output folder not writable", [f"--trainer.default_root_dir={UNWRITABLE}"], "Cannot create the run folder"),
     ("checkpoint folder not writable", [f"--checkpoint.dirpath={UNWRITABLE}"], "Cannot write to the output folder"),
+    (
+        "class path of a module that moved (an older run's config)",
+        ["--trainer.logger=lightning_cnn.loggers.WandbLogger"],
+        "lightning_cnn.loggers.WandbLogger is now lightning_cnn.reporting.WandbLogger",
+    ),
+    (
+        "callback from a module that moved",
+        ["--trainer.callbacks+=lightning_cnn.retention.PhaseOneRetention"],
+        "is now lightning_cnn.reporting.PhaseOneRetention",
+    ),
     ("missing resume checkpoint", ["--ckpt_path=gone.ckpt"], "--ckpt_path gone.ckpt does not exist"),
     ("truncated resume checkpoint", ["--ckpt_path=truncated.ckpt"], "is not a readable PyTorch checkpoint"),
     (
