@@ -137,6 +137,7 @@ class CNNCLI(LightningCLI):
         if ckpt_path and ckpt_path not in CKPT_KEYWORDS and not Path(ckpt_path).is_dir():
             check_checkpoint(Path(ckpt_path))
         self.run = place_run(subcommand, config)
+        self.save_config_kwargs["rerun_config"] = self.run.given
 
     def before_fit(self) -> None:
         """Refuse, before any work, an output folder that cannot be written."""

@@ -122,6 +122,20 @@ def test_a_rerun_gets_its_own_folder_and_leaves_the_first_run_as_it_was(fake_roo
     assert (workdir / "runs/mnist/latest").resolve() == runs[1]
 
 
+def test_a_runs_config_reruns_its_experiment_as_a_new_run_beside_it(fake_root: Path, workdir: Path) -> None:
+    fit("mnist", fake_root, "--trainer.logger=true", "--run_id=first", "--model.optimizer.init_args.lr=0.01")
+    first = workdir / "runs/mnist/first"
+    before = _files(first)
+    for _ in range(2):  # twice: the saved config names no run id of its own
+        main(["fit", "--config", "runs/mnist/first/config.yaml"])
+    runs = sorted(p for p in (workdir / "runs/mnist").iterdir() if p.name != "latest")
+    assert len(runs) == 3 and _files(first) == before  # not nested in it, nor writing its checkpoints
+    for rerun in runs[:2]:
+        assert (rerun / "checkpoints/best.ckpt").is_file()
+        config = (rerun / "config.yaml").read_text()
+        assert "lr: 0.01\n" in config and "first" not in config and "default_root_dir: null" in config
+
+
 def test_predict_writes_csv_for_images_of_any_size_and_mode(
     fake_root: Path, phase1_checkpoint: Path, workdir: Path
 ) -> None:

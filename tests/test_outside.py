@@ -56,6 +56,10 @@ def test_a_successful_fit_exits_0_and_leaves_its_run_folder(data: Path, cwd: Pat
     assert wandb_run.name.endswith(run.name)  # the W&B run id is the run id
     for noise in ("litlogger", "Seed set to", "LeafSpec", "deprecated", "not supported by the model summary"):
         assert noise not in done.stderr, noise  # third-party messages a user cannot act on
+    before = (run / "checkpoints/last.ckpt").read_bytes()
+    again = cli(cwd, "fit", "--config", str(run / "config.yaml"))  # its config reruns it, as a new run beside it
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(_runs(cwd / "runs" / "mnist")) == 2 and (run / "checkpoints/last.ckpt").read_bytes() == before
 
 
 def test_bad_input_exits_2_with_one_line(data: Path, cwd: Path) -> None:

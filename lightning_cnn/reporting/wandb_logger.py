@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
@@ -191,14 +192,17 @@ class SaveConfigToRun(SaveConfigCallback):
     runs on rank 0 alone and must not call one (an earlier version read ``trainer.log_dir`` there, and DDP hung).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, rerun_config: Namespace | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+        self.rerun_config = rerun_config
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Rank 0 only (Lightning calls this on global rank zero): no collective calls in here.
         config_path = Path(trainer.default_root_dir) / self.config_filename
         config_path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(config_path), skip_unset=False, overwrite=True, multifile=self.multifile)
+        # The file reruns the experiment (rerun_config: without this run's folders); W&B gets the run as placed.
+        saved = self.rerun_config if self.rerun_config is not None else self.config
+        self.parser.save(saved, str(config_path), skip_unset=False, overwrite=True, multifile=self.multifile)
         for logger in trainer.loggers:
             if isinstance(logger, LightningWandbLogger) and not _disabled():
                 experiment = logger.experiment

@@ -19,6 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lightning_cnn.checkpoints import read_checkpoint
 from lightning_cnn.errors import CheckpointError, ConfigError
@@ -157,12 +158,14 @@ class RunPlan:
         ckpt_path: the checkpoint to load (resolved from a run folder or ``last``), or ``None``.
         resumed: ``folder`` is an earlier run that this fit continues.
         created: this process created ``folder``.
+        given: the config for the run's ``config.yaml`` (see ``settings.rerun_config``), once placed.
     """
 
     folder: Path
     ckpt_path: str | None
     resumed: bool = False
     created: bool = False
+    given: Any = None
 
 
 def plan_run(

@@ -96,6 +96,7 @@ def place_run(subcommand: str, config: Namespace) -> RunPlan:
     """
     experiment = config.get("experiment") or _first_config_stem(config) or "lightning_cnn"
     config.experiment = experiment
+    given = rerun_config(subcommand, config)
     trainer = config.trainer
     experiment_dir = Path(trainer.default_root_dir or Path("runs") / experiment)
     run = plan_run(subcommand, experiment_dir, config.get("ckpt_path"), process_rank(), config.get("run_id"))
@@ -115,7 +116,24 @@ def place_run(subcommand: str, config: Namespace) -> RunPlan:
     if run.created:
         os.environ[RUN_ID_ENV] = run.folder.name  # the processes Lightning starts for DDP join this run
         CREATED.append(run.folder)
+    run.given = given
     return run
+
+
+def rerun_config(subcommand: str, config: Namespace) -> Namespace:
+    """The config as the run's ``config.yaml`` keeps it: the settings it trained with, without its placement.
+
+    ``fit --config runs/<experiment>/<run id>/config.yaml`` then starts a new run of the same experiment with
+    the same settings, next to the first. The folders :func:`place_run` fills in (the trainer's root, the
+    checkpoint folder, the W&B folder and id) stay as the user gave them: a saved checkpoint folder would make
+    the rerun write into the first run's checkpoints. A fit's run id and resume checkpoint are left out too.
+    """
+    given = config.clone()
+    if given.get("run_id") is not None:
+        given.run_id = None
+    if subcommand == "fit":
+        given.ckpt_path = None
+    return given
 
 
 CREATED: list[Path] = []  # run folders this process created, removed again if the run fails before a checkpoint
