@@ -146,6 +146,10 @@ class CNNCLI(LightningCLI):
         if isinstance(network, TransferNet) and network.backbone_frozen:
             # the frozen backbone is in eval mode on purpose (TransferNet.train keeps it there)
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        if (self.trainer.check_val_every_n_epoch or 1) > 1:
+            # The best checkpoint is saved at the end of a training epoch (so that it resumes cleanly); in the
+            # epochs that do not validate there is no val/acc yet, which Lightning reports as a missing metric.
+            warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/acc'\)` could not find")
         if not self.trainer.is_global_zero:
             return
         folders: list[str | None] = [self.trainer.default_root_dir]

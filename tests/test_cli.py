@@ -122,6 +122,14 @@ def test_a_rerun_gets_its_own_folder_and_leaves_the_first_run_as_it_was(fake_roo
     assert (workdir / "runs/mnist/latest").resolve() == runs[1]
 
 
+def test_validating_every_few_epochs_does_not_warn_of_a_missing_metric(
+    fake_root: Path, workdir: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    fit("mnist", fake_root, "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=2")
+    assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]
+    assert (workdir / "runs/mnist/latest/checkpoints/best.ckpt").is_file()  # validated at epoch 2, kept the best
+
+
 def test_a_runs_config_reruns_its_experiment_as_a_new_run_beside_it(fake_root: Path, workdir: Path) -> None:
     fit("mnist", fake_root, "--trainer.logger=true", "--run_id=first", "--model.optimizer.init_args.lr=0.01")
     first = workdir / "runs/mnist/first"
