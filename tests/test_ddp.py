@@ -207,3 +207,24 @@ def test_slurm_requeue_on_sigusr1_resumes_the_same_run(cifar: Path, tmp_path: Pa
     _launch([requeued, requeued], tmp_path, envs)  # the requeued job: same command, same job id
     assert [p for p in runs.iterdir() if not p.is_symlink()] == [run]
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"] == epoch + 1
+
+
+@pytest.mark.slow
+def test_ddp_predict_writes_every_process_share_in_the_input_order(cifar: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    assert EXE is not None
+    fitted = run(["fit", *ARGS, f"--data.data_dir={cifar}", "--trainer.devices=1", "--trainer.logger=false",
+                  f"--trainer.default_root_dir={tmp_path / 'runs'}", "--test_after_fit=false"])  # fmt: skip
+    assert fitted is not None
+    images = tmp_path / "mine"
+    images.mkdir()
+    for k in range(7):  # odd: the two processes get 4 and 3
+        Image.new("RGB", (32, 32), (30 * k, 200 - 20 * k, 90)).save(images / f"img{k}.png")
+    predict = [EXE, "predict", *ARGS, f"--data.data_dir={cifar}", f"--data.predict_dir={images}",
+               f"--ckpt_path={tmp_path / 'runs/latest'}", "--trainer.logger=false"]  # fmt: skip
+    _launch([[*predict, "--trainer.devices=1", f"--predictions.output={tmp_path / 'one.csv'}"]], tmp_path)
+    _launch([[*predict, "--config", "overrides/cpu_ddp", f"--predictions.output={tmp_path / 'ddp.csv'}"]], tmp_path)
+    one, ddp = (tmp_path / "one.csv").read_text(), (tmp_path / "ddp.csv").read_text()
+    assert [line.split(",")[0].rsplit("/", 1)[-1] for line in ddp.splitlines()[1:]] == [f"img{k}.png" for k in range(7)]
+    assert ddp == one  # the same rows as one process writes

@@ -26,10 +26,11 @@ from lightning_cnn.training.runs import slurm_job_id
 
 
 class PredictionCSVWriter(BasePredictionWriter):
-    """Writes ``predict`` results as CSV rows ``file, predicted_class, probability``.
+    """Writes ``predict`` results as CSV rows ``file, predicted_class, probability``, in the input's order.
 
     The file is written beside its final name and moved into place when prediction ends, so an
-    interrupted run never leaves a half-written CSV over an earlier one.
+    interrupted run never leaves a half-written CSV over an earlier one. Under DDP every process predicts a
+    share of the images; rank 0 gathers all the shares and writes the one file.
 
     Args:
         output: path of the CSV file (its folder is created).
@@ -38,7 +39,7 @@ class PredictionCSVWriter(BasePredictionWriter):
     def __init__(self, output: str = "predictions.csv") -> None:
         super().__init__(write_interval="batch")
         self.output = Path(output)
-        self._rows: list[tuple[str, str, float]] = []
+        self._rows: list[tuple[int, str, str, float]] = []  # (index in the dataset, file, class, probability)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows = []
@@ -55,20 +56,29 @@ class PredictionCSVWriter(BasePredictionWriter):
     ) -> None:
         names = pl_module.class_names if isinstance(pl_module, ImageClassifier) else None
         probability, index = torch.as_tensor(prediction).max(dim=1)
-        for path, p, i in zip(batch[1], probability.tolist(), index.tolist(), strict=True):
-            self._rows.append((str(path), names[i] if names else str(i), p))
+        # the dataset indices Lightning tracks for predictions (each process's share under DDP)
+        positions = list(batch_indices) if batch_indices is not None else []
+        for k, (path, p, i) in enumerate(zip(batch[1], probability.tolist(), index.tolist(), strict=True)):
+            position = positions[k] if k < len(positions) else len(self._rows)
+            self._rows.append((int(position), str(path), names[i] if names else str(i), p))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = self._rows
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, rows)  # a collective: every rank takes part
+            rows = [row for share in shares for row in share]
         if trainer.global_rank != 0:
             return
+        rows = sorted(rows, key=lambda row: row[0])
         self.output.parent.mkdir(parents=True, exist_ok=True)
         partial = self.output.with_name(f".{self.output.name}.partial")
         with open(partial, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "predicted_class", "probability"])
-            writer.writerows((path, name, f"{p:.6f}") for path, name, p in self._rows)
+            writer.writerows((path, name, f"{p:.6f}") for _, path, name, p in rows)
         os.replace(partial, self.output)
-        print(f"Wrote {len(self._rows)} predictions to {self.output}")
+        print(f"Wrote {len(rows)} predictions to {self.output}")
 
 
 class RNGState(Callback):
