@@ -69,6 +69,7 @@ def test_the_cli_picks_the_precision_unless_told_and_records_it(
         ({"avx512f"}, [], 64),  # fp32: the config's own batch
         ({"avx512_bf16"}, [], 128),  # bf16: the batch that goes with it (by_precision)
         ({"avx512_bf16"}, ["--data.batch_size=32"], 32),  # the command line wins
+        ({"avx512_bf16"}, ["--trainer.precision=32-true"], 64),  # and so does a precision given there
     ],
 )
 def test_a_recipe_takes_the_batch_size_of_the_precision_the_machine_picks(
@@ -77,8 +78,11 @@ def test_a_recipe_takes_the_batch_size_of_the_precision_the_machine_picks(
     monkeypatch.setattr(hardware, "cpu_flags", lambda *a: frozenset(flags))
     monkeypatch.chdir(tmp_path)
     data = make_image_folder(tmp_path / "cifar10", per_class_train=4, per_class_test=1)
-    cli = run(["fit", "--config", "cifar10_fast", f"--data.data_dir={data}", "--trainer.accelerator=cpu", *QUICK,
-               "--data.eval_batch_size=10", *args])  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"  # the shipped fast recipe, with a batch that differs by precision
+    recipe.write_text("by_precision:\n  bf16-mixed: {data.init_args.batch_size: 128, trainer.max_epochs: 5}\n"
+                      "data:\n  init_args:\n    batch_size: 64\n")  # fmt: skip
+    cli = run(["fit", "--config", "cifar10_fast", "--config", str(recipe), f"--data.data_dir={data}",
+               "--trainer.accelerator=cpu", *QUICK, "--data.eval_batch_size=10", *args])  # fmt: skip
     assert cli is not None and cli.datamodule.batch_size == batch
     assert cli.trainer.max_epochs == 1  # QUICK's --trainer.max_epochs=1 wins over the recipe's epochs
     saved = (tmp_path / "runs/cifar10_fast/latest/config.yaml").read_text()
