@@ -12,10 +12,12 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own cache folders, no data root from the environment, and W&B switched off."""
+    """Each test gets its own cache folders, no data root from the environment, and W&B switched off (and its
+    error reporting, which tests that reach for an unreachable server would otherwise trigger)."""
     monkeypatch.setenv("LIGHTNING_CNN_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("LIGHTNING_CNN_DATA", raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # W&B's own error reports would go to its servers
     wandb_home = tmp_path_factory.mktemp("wandb")  # W&B's own cache, staging and settings folders
     for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(wandb_home / name.lower()))

@@ -228,3 +228,20 @@ def test_ddp_predict_writes_every_process_share_in_the_input_order(cifar: Path, 
     one, ddp = (tmp_path / "one.csv").read_text(), (tmp_path / "ddp.csv").read_text()
     assert [line.split(",")[0].rsplit("/", 1)[-1] for line in ddp.splitlines()[1:]] == [f"img{k}.png" for k in range(7)]
     assert ddp == one  # the same rows as one process writes
+
+
+@pytest.mark.slow
+def test_an_unreachable_wandb_server_under_ddp_records_one_offline_run(cifar: Path, tmp_path: Path) -> None:
+    # Rank 0 waits for the server and falls back to offline while rank 1 waits for it: no hang, one run.
+    assert EXE is not None
+    runs = tmp_path / "runs"
+    server = {"WANDB_BASE_URL": f"http://127.0.0.1:{_free_port()}", "WANDB_INIT_TIMEOUT": "3",
+              "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_MODE": "online"}  # fmt: skip
+    command = [EXE, "fit", *ARGS, "--config", "overrides/cpu_ddp", f"--data.data_dir={cifar}",
+               f"--trainer.default_root_dir={runs}", "--test_after_fit=false"]  # fmt: skip
+    proc = _start(command, tmp_path, server)
+    _wait([proc])
+    assert proc.returncode == 0, _output(proc)[-4000:]
+    assert "the server could not be reached" in _output(proc)
+    (run_folder,) = [p for p in runs.iterdir() if not p.is_symlink()]
+    assert len(list(run_folder.glob("wandb/offline-run-*"))) == 1
