@@ -35,6 +35,7 @@ from lightning_cnn.training.callbacks import (
     SlurmRequeue,
     StopOnNonFiniteLoss,
     TrainingDiverged,
+    ValidateFinalEpoch,
 )
 from lightning_cnn.training.runs import CHECKPOINTS, CKPT_KEYWORDS, RUN_ID_ENV, point_latest
 from lightning_cnn.training.settings import (
@@ -288,6 +289,7 @@ def run(args: list[str] | None = None) -> CNNCLI | None:
                 "callbacks": [
                     ShareRunFolder(),
                     RNGState(),
+                    ValidateFinalEpoch(),
                     StopOnNonFiniteLoss(),
                     InterruptCheckpoint(),
                     SlurmRequeue(),

@@ -130,6 +130,24 @@ def test_validating_every_few_epochs_does_not_warn_of_a_missing_metric(
     assert (workdir / "runs/mnist/latest/checkpoints/best.ckpt").is_file()  # validated at epoch 2, kept the best
 
 
+@pytest.mark.parametrize(
+    ("epochs", "every", "validated"),
+    [
+        (2, 5, [2]),  # a validate-at-the-end recipe run shorter: still validated at its end
+        (3, 2, [2, 3]),  # run longer than its validation period: the last epoch too
+        (4, 2, [2, 4]),  # the period ends on the last epoch: nothing added
+    ],
+)
+def test_the_last_epoch_is_always_validated(
+    epochs: int, every: int, validated: list[int], fake_root: Path, workdir: Path
+) -> None:
+    fit("mnist", fake_root, f"--trainer.max_epochs={epochs}", f"--trainer.check_val_every_n_epoch={every}")
+    rows = list(csv.DictReader((workdir / "runs/mnist/latest/history.csv").open()))
+    assert [int(float(r["epoch"])) + 1 for r in rows if r.get("val/acc")] == validated
+    best = torch.load(workdir / "runs/mnist/latest/checkpoints/best.ckpt", weights_only=True)
+    assert best["epoch"] + 1 in validated
+
+
 def test_a_runs_config_reruns_its_experiment_as_a_new_run_beside_it(fake_root: Path, workdir: Path) -> None:
     fit("mnist", fake_root, "--trainer.logger=true", "--run_id=first", "--model.optimizer.init_args.lr=0.01")
     first = workdir / "runs/mnist/first"

@@ -123,6 +123,28 @@ class ShareRunFolder(Callback):
         trainer._default_root_dir = folder  # type: ignore[attr-defined]  # no public setter
 
 
+class ValidateFinalEpoch(Callback):
+    """Validates a run's last epoch too when it validates only every few epochs.
+
+    A recipe that validates once, at its end (``check_val_every_n_epoch`` equal to ``max_epochs``), would not
+    validate at all when run shorter (``--trainer.max_epochs 2``: no validation figures, no best checkpoint),
+    and run longer it would keep and test an earlier epoch's checkpoint. Lightning has no setting for "and at
+    the last epoch", so this sets ``check_val_every_n_epoch`` to 1 for the final epoch only.
+    """
+
+    def __init__(self) -> None:
+        self._every: int | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        every, last = trainer.check_val_every_n_epoch, trainer.max_epochs
+        if every is not None and every > 1 and last is not None and last > 0 and trainer.current_epoch == last - 1:
+            self._every, trainer.check_val_every_n_epoch = every, 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._every is not None:
+            trainer.check_val_every_n_epoch, self._every = self._every, None
+
+
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
 
