@@ -48,12 +48,16 @@ def wandb_file(run_dir: Path) -> Path:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """The run's config, metric history (one dict per ``log`` call) and final summary."""
+    """The run's config, metric history (one dict per ``log`` call), final summary and exit code.
+
+    ``exit_code`` is ``None`` while the run has not ended, or when its process was killed before W&B wrote it.
+    """
     from wandb.proto import wandb_internal_pb2 as pb
 
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
+    exit_code: int | None = None
     path = wandb_file(run_dir)
     for raw in _chunks(path.read_bytes()):
         record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf module
@@ -77,4 +81,6 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             history.append(row)
         elif kind == "summary":
             summary.update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
-    return {"config": config, "history": history, "summary": summary}
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return {"config": config, "history": history, "summary": summary, "exit_code": exit_code}

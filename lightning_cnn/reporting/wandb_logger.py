@@ -225,10 +225,19 @@ def finish_wandb_run_started_since(before: Any, failed: bool) -> None:
 
     Lightning's ``WandbLogger`` reuses ``wandb.run`` when one exists, so a run left open by one in-process call
     would swallow the next call's logging. A run the caller had started before (``before``) is left to them.
+
+    ``finish`` returns before W&B's service process has written the run out: it closes the run's
+    ``run-*.wandb`` file later, so reading the run just after could find it still empty (seen: one in ~30
+    in-process resumes read no config). Where W&B was not in use before the command, ``wandb.teardown`` then
+    waits for the service to write everything and stop, as the process's exit does.
     """
     after = current_wandb_run()
     if after is not None and after is not before:
         after.finish(exit_code=1 if failed else 0)
+        if before is None:
+            import wandb
+
+            wandb.teardown()
 
 
 def _disabled() -> bool:
