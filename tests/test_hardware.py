@@ -70,6 +70,8 @@ def test_the_cli_picks_the_precision_unless_told_and_records_it(
         ({"avx512_bf16"}, [], 128),  # bf16: the batch that goes with it (by_precision)
         ({"avx512_bf16"}, ["--data.batch_size=32"], 32),  # the command line wins
         ({"avx512_bf16"}, ["--trainer.precision=32-true"], 64),  # and so does a precision given there
+        ({"avx512f"}, ["--trainer.precision=bf16"], 128),  # Lightning's alias for bf16-mixed gets its recipe
+        ({"avx512_bf16"}, ["--trainer.precision=32"], 64),  # and 32 the fp32 one
     ],
 )
 def test_a_recipe_takes_the_batch_size_of_the_precision_the_machine_picks(
@@ -87,6 +89,19 @@ def test_a_recipe_takes_the_batch_size_of_the_precision_the_machine_picks(
     assert cli.trainer.max_epochs == 1  # QUICK's --trainer.max_epochs=1 wins over the recipe's epochs
     saved = (tmp_path / "runs/cifar10_fast/latest/config.yaml").read_text()
     assert f"batch_size: {batch}\n" in saved  # the run's config records what it trained with
+
+
+def test_a_recipe_for_a_precision_lightning_does_not_know_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a misspelt precision would otherwise never match and its recipe never apply
+    (tmp_path / "typo.yaml").write_text("by_precision:\n  bf16_mixed:\n    trainer.max_epochs: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", "cifar10_fast", "--config", "typo.yaml", *QUICK])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "by_precision.bf16_mixed: 'bf16_mixed' is no precision Lightning trains in" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_a_recipe_naming_a_setting_the_config_lacks_is_refused_in_one_line(

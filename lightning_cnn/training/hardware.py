@@ -15,6 +15,26 @@ import torch
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+# Lightning's precision values and its legacy aliases for them (its own table is private API). A config or
+# command line may give either ("bf16", 32); recipes keyed by precision must match both.
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "transformer-engine",
+              "transformer-engine-float16")  # fmt: skip
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def unified_precision(value: object) -> str | None:
+    """A precision as Lightning trains it (``"bf16"`` -> ``"bf16-mixed"``, ``32`` -> ``"32-true"``); ``None`` for
+    a value Lightning does not know.
+
+    Example:
+        >>> unified_precision(32), unified_precision("bf16"), unified_precision("bf16-mixed"), unified_precision("x")
+        ('32-true', 'bf16-mixed', 'bf16-mixed', None)
+    """
+    text = str(value)
+    text = PRECISION_ALIASES.get(text, text)
+    return text if text in PRECISIONS else None
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     """A Lightning ``precision`` value and why it was chosen, for the one line the CLI prints."""

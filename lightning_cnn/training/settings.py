@@ -13,7 +13,7 @@ from jsonargparse import Namespace
 
 from lightning_cnn.checkpoints import read_checkpoint
 from lightning_cnn.errors import CheckpointError, ConfigError
-from lightning_cnn.training.hardware import choose_precision, compile_pays
+from lightning_cnn.training.hardware import PRECISIONS, choose_precision, compile_pays, unified_precision
 from lightning_cnn.training.runs import CHECKPOINTS, RUN_ID_ENV, RunPlan, plan_run, process_rank
 
 
@@ -46,8 +46,14 @@ def apply_precision_recipe(config: Namespace, args: list[str]) -> None:
     Raises:
         ConfigError: a ``by_precision`` entry names a setting the config does not have.
     """
-    recipes = config.get("by_precision") or {}
-    chosen = recipes.get(str(config.trainer.get("precision")))
+    recipes = {}
+    for name, recipe in (config.get("by_precision") or {}).items():
+        unified = unified_precision(name)
+        if unified is None:
+            raise ConfigError(f"by_precision.{name}: {name!r} is no precision Lightning trains in; use one of "
+                              f"{', '.join(PRECISIONS)}.")  # fmt: skip
+        recipes[unified] = recipe
+    chosen = recipes.get(unified_precision(config.trainer.get("precision")) or "")
     if not chosen:
         return
     given = {_plain_key(a[2:].split("=", 1)[0]) for a in args if a.startswith("--")}
