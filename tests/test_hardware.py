@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,24 @@ def test_a_recipe_naming_a_setting_the_config_lacks_is_refused_in_one_line(
         run(["fit", "--config", "cifar10_fast", "--config", "bad.yaml", *QUICK])
     assert exit_info.value.code == 2
     assert "no_such_setting is not a setting of this config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_a_true_precision_trains_tests_and_predicts_the_augmented_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    # Lightning casts a batch for these before the DataModule turns its uint8 images into floats (and refused
+    # the augmentation's frozen dataclass): 64-true crashed in the first convolution, bf16-true likewise
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "cifar10", per_class_train=4, per_class_test=1)
+    args = ["--config", "cifar10_fast", f"--data.data_dir={data}", *QUICK, "--data.eval_batch_size=10",
+            f"--trainer.precision={precision}"]  # fmt: skip
+    cli = run(["fit", *args])
+    assert cli is not None and next(cli.model.parameters()).dtype == {"64-true": torch.float64}.get(
+        precision, torch.bfloat16
+    )
+    summary = json.loads((tmp_path / "runs/cifar10_fast/latest/summary.json").read_text())
+    assert summary["precision"] == precision and 0 <= summary["test"]["test/acc"] <= 1
+    predicted = run(["predict", *args, f"--data.predict_dir={data}/test/cat",
+                     "--ckpt_path=runs/cifar10_fast/latest/checkpoints/last.ckpt"])  # fmt: skip
+    assert predicted is not None and (tmp_path / "predictions.csv").read_text().count("\n") == 2

@@ -9,15 +9,18 @@ when the batch is there.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    """Per-image random choices for one batch: ``flip`` bool ``(B,)``, crop offsets ``dy``, ``dx`` in ``[0, 2*pad]``."""
+class AugmentParams(NamedTuple):
+    """Per-image random choices for one batch: ``flip`` bool ``(B,)``, crop offsets ``dy``, ``dx`` in ``[0, 2*pad]``.
+
+    A named tuple, not a frozen dataclass: Lightning's ``apply_to_collection`` (its batch casts for ``64-true``,
+    ``bf16-true``, ``16-true``) rebuilds tuples and refuses frozen dataclasses.
+    """
 
     flip: torch.Tensor
     dy: torch.Tensor

@@ -146,7 +146,10 @@ class ResidentDataModule(L.LightningDataModule):
         images, rest = batch[0], batch[1]
         if len(batch) == 3:
             images = flip_and_crop(images, batch[2], self.pad)
-        return self.normalize(images), rest
+        images = self.normalize(images)
+        if trainer is not None:  # Lightning casts batches for 64-true, bf16-true, 16-true before this hook, when
+            images = trainer.precision_plugin.convert_input(images)  # they were still uint8: cast the floats now
+        return images, rest
 
 
 class MNISTDataModule(ResidentDataModule):
