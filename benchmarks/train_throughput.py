@@ -43,7 +43,7 @@ from cpu_steal import with_steal
 from fit_rate import fit_summary, steady_images_per_second
 
 from lightning_cnn.experiments import shipped_config
-from lightning_cnn.training.hardware import choose_precision
+from lightning_cnn.training.hardware import choose_precision, unified_precision
 
 CIFAR10_TRAIN_IMAGES = 50_000
 ASSIGNMENT = "(a) assignment loop (PIL transforms, DataLoader, fp32)"
@@ -246,7 +246,8 @@ def fast_epochs(precision: str, path: Path | None = None) -> int:
     """A recipe's epochs at a precision (``cifar10_fast``'s unless ``path`` names another config): what its
     ``by_precision`` sets for that precision, else its own ``trainer.max_epochs``."""
     config = yaml.safe_load((path or shipped_config("cifar10_fast")).read_text())
-    recipe = (config.get("by_precision") or {}).get(precision) or {}
+    recipes = {unified_precision(name): recipe for name, recipe in (config.get("by_precision") or {}).items()}
+    recipe = recipes.get(unified_precision(precision)) or {}  # keyed as the CLI reads them: bf16 is bf16-mixed
     return int(recipe.get("trainer.max_epochs", config["trainer"]["max_epochs"]))
 
 

@@ -54,4 +54,5 @@ def test_time_target_reads_the_epochs_of_the_recipe_each_precision_trains(tmp_pa
     assert fast_epochs("bf16-mixed", config) == 18
     assert fast_epochs("16-mixed", config) == 14  # its recipe changes the batch, not the epochs
     assert fast_epochs("32-true", config) == 14
+    assert fast_epochs("bf16", config) == 18  # Lightning's alias, as the CLI reads it
     assert fast_epochs("32-true") >= 1  # the shipped fast config

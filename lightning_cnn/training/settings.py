@@ -44,7 +44,8 @@ def apply_precision_recipe(config: Namespace, args: list[str]) -> None:
     line (``--trainer.max_epochs 5``) wins over it.
 
     Raises:
-        ConfigError: a ``by_precision`` entry names a setting the config does not have.
+        ConfigError: a ``by_precision`` entry is no precision Lightning knows (its aliases count: ``bf16``, ``32``),
+            or names a setting the config does not have.
     """
     recipes = {}
     for name, recipe in (config.get("by_precision") or {}).items():
