@@ -31,7 +31,7 @@ import argparse
 import multiprocessing
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,24 @@ def assignment_loop(folder: Path, batches: int, workers: int) -> tuple[float, fl
 
 
 def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False, batch: int = 128) -> tuple[float, float]:
+    device = _device()
+    n, start, first = 0, time.perf_counter(), (0, 0.0)
+    for i, (size, _) in enumerate(bare_steps(data_dir, batches, bf16, batch)):
+        n += size
+        if i == 0:
+            _sync(device)
+            first = (n, time.perf_counter() - start)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return n / seconds, (n - first[0]) / (seconds - first[1])
+
+
+def bare_steps(
+    data_dir: str, batches: int, bf16: bool = False, batch: int = 128, sync: bool = False
+) -> Iterator[tuple[int, list[float]]]:
+    """The bare loop, one training step per item: its batch size and the step's clock readings (before the
+    batch is fetched, after it is augmented, after forward and loss, after backward, after the optimizer step;
+    with ``sync`` the GPU is waited for at each, so the readings split the step into phases)."""
     from lightning_cnn.data import CIFAR10DataModule
     from lightning_cnn.data.augment import flip_and_crop
     from lightning_cnn.data.loader import ResidentBatches
@@ -123,25 +141,34 @@ def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False, batch: i
     stream = ResidentBatches(dm.train_split, batch, train=True, pad=4, flip_p=0.5, device=device)
     net = CIFARCNN().to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    n, start, i, first = 0, time.perf_counter(), 0, (0, 0.0)
+
+    def clock() -> float:
+        if sync:
+            _sync(device)
+        return time.perf_counter()
+
+    i = 0
     while i < batches:
-        for x, y, params in stream:
-            if i == batches:
+        batches_of_epoch = iter(stream)
+        while i < batches:
+            marks = [clock()]
+            try:
+                x, y, params = next(batches_of_epoch)
+            except StopIteration:
                 break
             x = dm.normalize(flip_and_crop(x, params, 4)).contiguous(memory_format=torch.channels_last)
+            marks.append(clock())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
+            marks.append(clock())
             opt.zero_grad()
             loss.backward()
+            marks.append(clock())
             opt.step()
-            n, i = n + len(y), i + 1
-            if i == 1:
-                _sync(device)
-                first = (n, time.perf_counter() - start)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return n / seconds, (n - first[0]) / (seconds - first[1])
+            marks.append(clock())
+            i += 1
+            yield len(y), marks
 
 
 def in_fresh_process(measure: Callable[..., tuple[float, float]], *args: Any, **kwargs: Any) -> tuple[float, float]:

@@ -56,3 +56,29 @@ def test_time_target_reads_the_epochs_of_the_recipe_each_precision_trains(tmp_pa
     assert fast_epochs("32-true", config) == 14
     assert fast_epochs("bf16", config) == 18  # Lightning's alias, as the CLI reads it
     assert fast_epochs("32-true") >= 1  # the shipped fast config
+
+
+def test_step_phases_splits_every_step_of_the_bare_loop_and_of_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from fakedata import QUICK, make_image_folder
+    from step_phases import OUT_ENV, PHASES, WARM_UP, medians, phase_seconds
+    from train_throughput import bare_steps
+
+    from lightning_cnn.cli import run
+
+    data = make_image_folder(tmp_path / "cifar10", per_class_train=3, per_class_test=1)  # 30 images
+    steps = list(bare_steps(str(tmp_path), 5, batch=8))  # past an epoch's end (3 full batches of 8, then 6)
+    assert [size for size, _ in steps] == [8, 8, 8, 6, 8]
+    assert all(len(marks) == 5 and marks == sorted(marks) for _, marks in steps)
+    rows = [phase_seconds(marks) for _, marks in steps]
+    assert len(medians(rows)) == len(PHASES) and all(ms >= 0 for ms in medians(rows))
+    monkeypatch.chdir(tmp_path)  # fit as the benchmark runs it, with its phase timer
+    monkeypatch.setenv(OUT_ENV, str(tmp_path / "phases.json"))
+    run(["fit", "--config", "cifar10_base", f"--data.data_dir={data}", *QUICK, "--trainer.logger=false",
+         "--trainer.limit_train_batches=3", "--data.batch_size=8",
+         "--trainer.callbacks+=step_phases.PhaseTimer"])  # fmt: skip
+    timed = json.loads((tmp_path / "phases.json").read_text())
+    assert len(timed) == len(PHASES) and all(ms >= 0 for ms in timed) and WARM_UP > 3  # fewer steps: all kept
