@@ -91,29 +91,25 @@ def assignment_loop(folder: Path, batches: int, workers: int) -> tuple[float, fl
     )
     net = CIFARCNN().to(device)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    n, start = 0, time.perf_counter()  # warm-up (worker start, first kernels) counted, as in every variant
-    first = (0, 0.0)
-    for i, (x, y) in enumerate(loader):
-        if i == batches:
-            break
-        x, y = x.to(device), y.to(device)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        n += len(y)
-        if i == 0:
-            _sync(device)
-            first = (n, time.perf_counter() - start)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return n / seconds, (n - first[0]) / (seconds - first[1])
+
+    def steps() -> Iterator[int]:
+        for i, (x, y) in enumerate(loader):  # the workers start here: counted, as every variant's warm-up is
+            if i == batches:
+                break
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            yield len(y)
+
+    return timed_rates(steps(), device)
 
 
-def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False, batch: int = 128) -> tuple[float, float]:
-    device = _device()
+def timed_rates(steps: Iterator[int], device: torch.device) -> tuple[float, float]:
+    """Images/s of a loop's steps (each yields its batch size), from the first step and after it."""
     n, start, first = 0, time.perf_counter(), (0, 0.0)
-    for i, (size, _) in enumerate(bare_steps(data_dir, batches, bf16, batch)):
+    for i, size in enumerate(steps):
         n += size
         if i == 0:
             _sync(device)
@@ -123,12 +119,17 @@ def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False, batch: i
     return n / seconds, (n - first[0]) / (seconds - first[1])
 
 
+def bare_resident_loop(data_dir: str, batches: int, bf16: bool = False, batch: int = 128) -> tuple[float, float]:
+    return timed_rates((size for size, _ in bare_steps(data_dir, batches, bf16, batch)), _device())
+
+
 def bare_steps(
     data_dir: str, batches: int, bf16: bool = False, batch: int = 128, sync: bool = False
 ) -> Iterator[tuple[int, list[float]]]:
-    """The bare loop, one training step per item: its batch size and the step's clock readings (before the
-    batch is fetched, after it is augmented, after forward and loss, after backward, after the optimizer step;
-    with ``sync`` the GPU is waited for at each, so the readings split the step into phases)."""
+    """The bare loop, set up (data decoded, model built) before it returns, then one training step per item:
+    its batch size and the step's clock readings (before the batch is fetched, after it is augmented, after
+    forward and loss, after backward, after the optimizer step; with ``sync`` the GPU is waited for at each, so
+    the readings split the step into phases)."""
     from lightning_cnn.data import CIFAR10DataModule
     from lightning_cnn.data.augment import flip_and_crop
     from lightning_cnn.data.loader import ResidentBatches
@@ -147,28 +148,31 @@ def bare_steps(
             _sync(device)
         return time.perf_counter()
 
-    i = 0
-    while i < batches:
-        batches_of_epoch = iter(stream)
+    def steps() -> Iterator[tuple[int, list[float]]]:
+        i = 0
         while i < batches:
-            marks = [clock()]
-            try:
-                x, y, params = next(batches_of_epoch)
-            except StopIteration:
-                break
-            x = dm.normalize(flip_and_crop(x, params, 4)).contiguous(memory_format=torch.channels_last)
-            marks.append(clock())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
-            marks.append(clock())
-            opt.zero_grad()
-            loss.backward()
-            marks.append(clock())
-            opt.step()
-            marks.append(clock())
-            i += 1
-            yield len(y), marks
+            batches_of_epoch = iter(stream)
+            while i < batches:
+                marks = [clock()]
+                try:
+                    x, y, params = next(batches_of_epoch)
+                except StopIteration:
+                    break
+                x = dm.normalize(flip_and_crop(x, params, 4)).contiguous(memory_format=torch.channels_last)
+                marks.append(clock())
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+                marks.append(clock())
+                opt.zero_grad()
+                loss.backward()
+                marks.append(clock())
+                opt.step()
+                marks.append(clock())
+                i += 1
+                yield len(y), marks
+
+    return steps()
 
 
 def in_fresh_process(measure: Callable[..., tuple[float, float]], *args: Any, **kwargs: Any) -> tuple[float, float]:
