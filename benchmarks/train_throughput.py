@@ -28,6 +28,7 @@ runs there (the data of (b) and (c) then stays on the GPU). Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import statistics
 import time
@@ -44,6 +45,7 @@ from fit_rate import fit_summary, steady_images_per_second
 
 from lightning_cnn.experiments import shipped_config
 from lightning_cnn.training.hardware import choose_precision, unified_precision
+from lightning_cnn.training.settings import precision_recipes
 
 CIFAR10_TRAIN_IMAGES = 50_000
 ASSIGNMENT = "(a) assignment loop (PIL transforms, DataLoader, fp32)"
@@ -149,28 +151,22 @@ def bare_steps(
         return time.perf_counter()
 
     def steps() -> Iterator[tuple[int, list[float]]]:
-        i = 0
-        while i < batches:
-            batches_of_epoch = iter(stream)
-            while i < batches:
-                marks = [clock()]
-                try:
-                    x, y, params = next(batches_of_epoch)
-                except StopIteration:
-                    break
-                x = dm.normalize(flip_and_crop(x, params, 4)).contiguous(memory_format=torch.channels_last)
-                marks.append(clock())
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-                marks.append(clock())
-                opt.zero_grad()
-                loss.backward()
-                marks.append(clock())
-                opt.step()
-                marks.append(clock())
-                i += 1
-                yield len(y), marks
+        epochs = (item for _ in itertools.count() for item in stream)  # epoch after epoch, as fit runs them
+        for _ in range(batches):
+            marks = [clock()]
+            x, y, params = next(epochs)
+            x = dm.normalize(flip_and_crop(x, params, 4)).contiguous(memory_format=torch.channels_last)
+            marks.append(clock())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            marks.append(clock())
+            opt.zero_grad()
+            loss.backward()
+            marks.append(clock())
+            opt.step()
+            marks.append(clock())
+            yield len(y), marks
 
     return steps()
 
@@ -277,8 +273,8 @@ def fast_epochs(precision: str, path: Path | None = None) -> int:
     """A recipe's epochs at a precision (``cifar10_fast``'s unless ``path`` names another config): what its
     ``by_precision`` sets for that precision, else its own ``trainer.max_epochs``."""
     config = yaml.safe_load((path or shipped_config("cifar10_fast")).read_text())
-    recipes = {unified_precision(name): recipe for name, recipe in (config.get("by_precision") or {}).items()}
-    recipe = recipes.get(unified_precision(precision)) or {}  # keyed as the CLI reads them: bf16 is bf16-mixed
+    recipes = precision_recipes(config.get("by_precision"))  # keyed as the CLI reads them: bf16 is bf16-mixed
+    recipe = recipes.get(unified_precision(precision) or "") or {}
     return int(recipe.get("trainer.max_epochs", config["trainer"]["max_epochs"]))
 
 

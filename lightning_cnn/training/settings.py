@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,7 @@ def apply_precision_recipe(config: Namespace, args: list[str]) -> None:
         ConfigError: a ``by_precision`` entry is no precision Lightning knows (its aliases count: ``bf16``, ``32``),
             or names a setting the config does not have.
     """
-    recipes = {}
-    for name, recipe in (config.get("by_precision") or {}).items():
-        unified = unified_precision(name)
-        if unified is None:
-            raise ConfigError(f"by_precision.{name}: {name!r} is no precision Lightning trains in; use one of "
-                              f"{', '.join(PRECISIONS)}.")  # fmt: skip
-        recipes[unified] = recipe
+    recipes = precision_recipes(config.get("by_precision"))
     chosen = recipes.get(unified_precision(config.trainer.get("precision")) or "")
     if not chosen:
         return
@@ -72,6 +67,22 @@ def apply_precision_recipe(config: Namespace, args: list[str]) -> None:
         applied.append(f"{key}={value}")
     if applied and process_rank() == 0:
         print(f"Recipe for {config.trainer.precision}: {', '.join(applied)} (the config's by_precision).")
+
+
+def precision_recipes(by_precision: Mapping[Any, Any] | None) -> dict[str, Any]:
+    """A config's ``by_precision`` keyed by the precision Lightning trains in (``bf16`` read as ``bf16-mixed``).
+
+    Raises:
+        ConfigError: a key is no precision Lightning knows (a misspelt one would never apply).
+    """
+    recipes: dict[str, Any] = {}
+    for name, recipe in (by_precision or {}).items():
+        unified = unified_precision(name)
+        if unified is None:
+            raise ConfigError(f"by_precision.{name}: {name!r} is no precision Lightning trains in; use one of "
+                              f"{', '.join(PRECISIONS)}.")  # fmt: skip
+        recipes[unified] = recipe
+    return recipes
 
 
 def _plain_key(key: str) -> str:
