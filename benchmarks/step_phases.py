@@ -84,11 +84,9 @@ def bare_phases(data_dir: str, batches: int, bf16: bool, batch: int) -> list[flo
 
 
 def fit_phases(data_dir: str, batches: int, precision: str, batch: int) -> list[float]:
-    here = str(Path(__file__).resolve().parent)
     with tempfile.TemporaryDirectory() as out:
         result = Path(out) / "phases.json"
         os.environ[OUT_ENV] = str(result)
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
         fit_summary("cifar10_base", data_dir, batches, f"--trainer.precision={precision}",
                     f"--data.batch_size={batch}", "--trainer.callbacks+=step_phases.PhaseTimer")  # fmt: skip
         return list(json.loads(result.read_text()))
@@ -109,6 +107,8 @@ def main() -> None:
     if precision not in ("32-true", "bf16-mixed"):
         sys.exit(f"step_phases: --precision must be 32-true or bf16-mixed (the bare loop's two), got {precision}")
     bf16 = precision == "bf16-mixed"
+    here = str(Path(__file__).resolve().parent)  # where fit's process finds step_phases.PhaseTimer
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     runs: dict[str, list[list[float]]] = {"bare": [], "fit": []}
     for repeat in range(args.repeats):
         for name in ("bare", "fit") if repeat % 2 == 0 else ("fit", "bare"):
