@@ -44,8 +44,7 @@ from cpu_steal import with_steal
 from fit_rate import fit_summary, steady_images_per_second
 
 from lightning_cnn.experiments import shipped_config
-from lightning_cnn.training.hardware import choose_precision, unified_precision
-from lightning_cnn.training.settings import precision_recipes
+from lightning_cnn.training.hardware import choose_precision, precision_recipes, unified_precision
 
 CIFAR10_TRAIN_IMAGES = 50_000
 ASSIGNMENT = "(a) assignment loop (PIL transforms, DataLoader, fp32)"

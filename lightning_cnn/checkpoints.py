@@ -3,17 +3,14 @@ atomically where they land."""
 
 from __future__ import annotations
 
-import errno
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.plugins import TorchCheckpointIO
 
-from lightning_cnn.errors import CheckpointError, UserError
+from lightning_cnn.errors import CheckpointError
+from lightning_cnn.files import write_atomically
 
 
 def read_checkpoint(path: str | Path, role: str, missing_hint: str, unreadable_hint: str) -> dict[str, Any]:
@@ -43,8 +40,16 @@ def read_checkpoint(path: str | Path, role: str, missing_hint: str, unreadable_h
     return state
 
 
-class CheckpointWriteError(UserError, OSError):
-    """A checkpoint could not be written (full disk, lost mount); the previous file of that name is intact."""
+def check_checkpoint(path: Path) -> None:
+    """Raise a CheckpointError unless ``path`` is a complete checkpoint that loads with ``weights_only=True``."""
+    state = read_checkpoint(
+        path,
+        "--ckpt_path",
+        missing_hint="Pass a .ckpt file, or 'last' to resume.",
+        unreadable_hint="Resume from another file (e.g. best.ckpt or last.ckpt beside it).",
+    )
+    if "state_dict" not in state:
+        raise CheckpointError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict).")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,42 +67,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote storage: fsspec's way
         write_atomically(Path(str(path).removeprefix("file://")), lambda f: torch.save(checkpoint, f))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file in its folder, fsync it, rename it in place.
-
-    Raises:
-        CheckpointWriteError: the write failed (the previous ``path``, if any, is left as it was).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise CheckpointWriteError(
-            f"Could not write {path}: {why}. The previous {path.name} (if any) is kept. Free space in "
-            f"{path.parent} (or choose another place with --trainer.default_root_dir), then resume with "
-            "--ckpt_path last."
-        ) from err
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX: the folder's entry is data of the folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; the rename is still atomic
-    finally:
-        os.close(fd)

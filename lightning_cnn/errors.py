@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from jsonargparse import ArgumentError
 
 
@@ -46,29 +44,6 @@ def checkpoint_mismatch(err: BaseException, argv: list[str]) -> CheckpointError 
         f"--ckpt_path {named} does not fit the configured model ({details[0] if details else message[:200]}). "
         "Use the config the checkpoint was trained with."
     )
-
-
-# Modules that the layering of 2026-11-29 moved, as the configs saved by older runs name them.
-MOVED_MODULES = {
-    "loggers": "reporting",
-    "retention": "reporting",
-    "compare": "reporting.compare",
-    "plots": "reporting.plots",
-    "wandb_files": "reporting.wandb_files",
-    "callbacks": "training.callbacks",
-    "hardware": "training.hardware",
-    "runs": "training.runs",
-    "settings": "training.settings",
-}
-
-
-def moved_class_hint(message: str) -> str:
-    """What to write instead of a class path into a moved module (a config saved by an older run), else ""."""
-    found = re.search(rf"lightning_cnn\.({'|'.join(MOVED_MODULES)})\.(\w+)", message)
-    if found is None:
-        return ""
-    old, name = found.groups()
-    return f" {found.group(0)} is now lightning_cnn.{MOVED_MODULES[old]}.{name}: change that line of the config."
 
 
 def one_line(err: BaseException) -> str:

@@ -92,6 +92,26 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return resolved
 
 
+def default_experiment(argv: list[str]) -> str | None:
+    """The experiment a command line names: the first config file the user gave, by its file name.
+
+    A variant is its own experiment, not that of the configs it ``extends``; an override composed after it
+    (``--config cifar10_fast --config overrides/cpu_ddp``) does not rename it. A config's ``experiment:`` or
+    ``--experiment`` still wins.
+
+    Example:
+        >>> default_experiment(["fit", "--config", "cifar10_dropout", "--config=overrides/cpu_ddp"])
+        'cifar10_dropout'
+    """
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if arg in CONFIG_FLAGS and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is not None and not value.lstrip().startswith(("{", "[")) and "\n" not in value:
+            return Path(resolve_config(value)).stem
+    return None
+
+
 def experiments() -> dict[str, str]:
     """Each shipped config by name, with the first line of its header comment."""
     found = {}

@@ -223,16 +223,6 @@ UNWRITABLE = "/proc/version/out"  # a path under a file: not creatable, even by 
 BAD_INPUT += [
     ("output folder not writable", [f"--trainer.default_root_dir={UNWRITABLE}"], "Cannot create the run folder"),
     ("checkpoint folder not writable", [f"--checkpoint.dirpath={UNWRITABLE}"], "Cannot write to the output folder"),
-    (
-        "class path of a module that moved (an older run's config)",
-        ["--trainer.logger=lightning_cnn.loggers.WandbLogger"],
-        "lightning_cnn.loggers.WandbLogger is now lightning_cnn.reporting.WandbLogger",
-    ),
-    (
-        "callback from a module that moved",
-        ["--trainer.callbacks+=lightning_cnn.retention.PhaseOneRetention"],
-        "is now lightning_cnn.reporting.PhaseOneRetention",
-    ),
     ("missing resume checkpoint", ["--ckpt_path=gone.ckpt"], "--ckpt_path gone.ckpt does not exist"),
     ("truncated resume checkpoint", ["--ckpt_path=truncated.ckpt"], "is not a readable PyTorch checkpoint"),
     (
@@ -446,3 +436,21 @@ def test_test_takes_a_run_folder_and_gets_a_folder_of_its_own(fake_root: Path, w
     assert cli is not None and "test/acc" in cli.trainer.callback_metrics
     assert len(list((workdir / "runs/mnist").glob("2*"))) == 2
     assert (workdir / "runs/mnist/latest").resolve() == trained  # a test run is not a finished fit
+
+
+def test_a_command_leaves_no_filter_or_variable_behind_in_its_process(fake_root: Path, workdir: Path) -> None:
+    """A notebook, a sweep function or a test that calls main() keeps its own warnings, logging and environment."""
+    import logging
+    import os
+    import warnings
+
+    import lightning_cnn.launch  # noqa: F401  # what importing Lightning itself sets up is not the command's
+
+    loggers = [
+        logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed")
+    ]
+    before = (list(warnings.filters), [list(g.filters) for g in loggers], dict(os.environ))
+    fit("mnist", fake_root)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "mnist", "--data.no_such_setting=1"])
+    assert (list(warnings.filters), [list(g.filters) for g in loggers], dict(os.environ)) == before

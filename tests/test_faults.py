@@ -159,7 +159,8 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_partial
 ) -> None:
     import errno
 
-    from lightning_cnn.checkpoints import AtomicCheckpointIO, CheckpointWriteError
+    from lightning_cnn.checkpoints import AtomicCheckpointIO
+    from lightning_cnn.files import WriteError
 
     io, path = AtomicCheckpointIO(), tmp_path / "run" / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
@@ -170,7 +171,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_partial
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointWriteError, match=r"Could not write .*last\.ckpt: the disk is full\. The previous"):
+    with pytest.raises(WriteError, match=r"Could not write .*last\.ckpt: the disk is full\. The previous"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
     monkeypatch.undo()

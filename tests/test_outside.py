@@ -3,6 +3,7 @@ temporary working directory, judged by its exit status and the files it leaves."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -137,3 +138,51 @@ def test_a_sweep_trial_runs_as_the_wandb_agent_starts_it(data: Path, cwd: Path) 
         config = yaml.safe_load((run / "config.yaml").read_text())
         assert config["model"]["optimizer"]["init_args"]["lr"] == picks["model.optimizer.init_args.lr"]
         assert next((run / "wandb").glob("offline-run-*")).name.endswith(run.name)
+
+
+RECIPE = """\
+extends: {base}
+by_precision:  # whatever precision this machine picks, the recipe applies
+  32-true: {{trainer.max_epochs: 3, {batch_key}: 16}}
+  bf16-mixed: {{trainer.max_epochs: 3, {batch_key}: 16}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("base", "batch_key"), [("mnist", "data.init_args.batch_size"), ("cifar10_fast", "data.batch_size")]
+)
+def test_a_later_config_wins_over_an_earlier_configs_precision_recipe(
+    data: Path, cwd: Path, base: str, batch_key: str
+) -> None:
+    """jsonargparse's rule, as README and docs/models.md promise it: a later config file wins, by_precision too."""
+    (cwd / "recipe.yaml").write_text(RECIPE.format(base=base, batch_key=batch_key))
+    (cwd / "mine.yaml").write_text("trainer:\n  max_epochs: 1\ndata:\n  init_args:\n    batch_size: 8\n")
+    root = data / "cifar10" if base.startswith("cifar") else data
+    limits = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--data.data_dir={root}",
+              "--data.eval_batch_size=8"]  # fmt: skip
+    done = cli(cwd, "fit", "--config", "recipe.yaml", "--config", "mine.yaml", *limits)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = (cwd / "runs/recipe/latest").resolve()  # the experiment is the first config's name, not its base's
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["trainer"]["max_epochs"] == 1 and config["data"]["init_args"]["batch_size"] == 8
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+    alone = cli(cwd, "fit", "--config", "recipe.yaml", *limits, "--print_config")  # the recipe does apply
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    lines = [line for line in alone.stdout.splitlines() if not line.startswith(("Precision:", "Recipe for"))]
+    printed = yaml.safe_load("\n".join(lines))
+    assert printed["trainer"]["max_epochs"] == 3 and printed["data"]["init_args"]["batch_size"] == 16
+
+
+def test_a_variant_without_an_experiment_key_runs_as_its_own_experiment(data: Path, cwd: Path) -> None:
+    (cwd / "mnist_wide.yaml").write_text("extends: mnist\ndata:\n  init_args:\n    batch_size: 16\n")
+    first = cli(cwd, "fit", "--config", "mnist", f"--data.data_dir={data}", *QUICK)
+    assert first.returncode == 0, first.stderr[-2000:]
+    mnist_latest = (cwd / "runs/mnist/latest").resolve()
+    (cwd / "short.yaml").write_text("trainer:\n  max_epochs: 1\n")  # an override composed after it
+    done = cli(cwd, "fit", "--config", "mnist_wide.yaml", "--config", "short.yaml", f"--data.data_dir={data}", *QUICK)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (cwd / "runs/mnist/latest").resolve() == mnist_latest  # the base experiment's latest did not move
+    assert len(_runs(cwd / "runs/mnist")) == 1 and len(_runs(cwd / "runs/mnist_wide")) == 1
+    saved = yaml.safe_load((cwd / "runs/mnist_wide/latest/config.yaml").read_text())
+    assert saved["experiment"] == "mnist_wide"

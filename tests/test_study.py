@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import csv
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakedata import QUICK, make_image_folder
 
 from lightning_cnn.cli import main
-from lightning_cnn.study import aggregate, run_study, split_figures, time_to_reach
+from lightning_cnn.reporting.record import RunRecord
+from lightning_cnn.reporting.study_report import aggregate, split_figures, time_to_reach
+from lightning_cnn.study import run_study
 
 
-def _run(test: dict[str, float], curve: list[float], seconds_per_epoch: float = 10.0, **summary: float) -> dict:
+def _run(test: dict[str, float], curve: list[float], seconds_per_epoch: float = 10.0, **summary: float) -> RunRecord:
     history = [
         {"epoch": float(e), "val/acc": acc, "train_seconds": seconds_per_epoch * (e + 1)} for e, acc in enumerate(curve)
     ]
-    return {
-        "summary": {"test": test, "trainable_parameters": 100, "train_seconds": 50.0, **summary},
-        "history": history,
-    }
+    return RunRecord(None, {"test": test, "trainable_parameters": 100, "train_seconds": 50.0, **summary}, history)
 
 
 def test_accuracy_matrix_forgetting_and_forward_transfer_of_a_known_study() -> None:
@@ -54,68 +54,64 @@ def test_mean_and_sample_std_over_seeds_keep_the_values() -> None:
 
 
 def test_time_to_reach_counts_epochs_and_seconds_of_the_first_epoch_at_the_target() -> None:
-    history = _run({}, [0.3, 0.6, 0.55, 0.7], seconds_per_epoch=4.0)["history"]
+    history = _run({}, [0.3, 0.6, 0.55, 0.7], seconds_per_epoch=4.0)
     assert time_to_reach(history, 0.6) == (2, 8.0)
     assert time_to_reach(history, 0.9) == (None, None)
 
 
-def _fake_fit(calls: list[list[str]], stop_at: int | None = None):
-    """Stands in for `lightning-cnn fit`: writes what a finished run leaves, or 'dies' with a checkpoint."""
+def _fake_fit(calls: list[dict[str, Any]], stop_at: int | None = None):
+    """Stands in for ``launch.fit``: writes what a finished run leaves, or 'dies' with a checkpoint."""
 
-    def run(args: list[str]) -> None:
-        calls.append(args)
+    def fit(config: str, overrides: Mapping[str, Any], args: Sequence[str], group: str) -> RunRecord:
+        calls.append({"config": config, "overrides": dict(overrides), "args": list(args), "group": group})
+        root = Path(overrides["trainer.default_root_dir"])
+        folder = Path(overrides["ckpt_path"]) if "ckpt_path" in overrides else root / overrides["run_id"]
         if stop_at is not None and len(calls) == stop_at:
-            root = Path(next(a for a in args if a.startswith("--trainer.default_root_dir=")).split("=", 1)[1])
-            name = next(a for a in args if a.startswith("--run_id=")).split("=", 1)[1]
-            (root / name / "checkpoints").mkdir(parents=True)
-            (root / name / "checkpoints" / "last.ckpt").write_bytes(b"")
+            (folder / "checkpoints").mkdir(parents=True)
+            (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
             raise KeyboardInterrupt  # the study is stopped in this run
-        root = Path(next(a for a in args if a.startswith("--trainer.default_root_dir=")).split("=", 1)[1])
-        resumed = next((a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")), None)
-        folder = Path(resumed) if resumed else root / next(a for a in args if a.startswith("--run_id=")).split("=")[1]
         folder.mkdir(parents=True, exist_ok=True)
-        seed = int(next(a for a in args if a.startswith("--seed_everything=")).split("=")[1])
-        test = {"test/acc": 0.9 + seed / 100, "test/phase1_acc_before": 0.8, "test/phase1_acc": 0.8}
-        (folder / "summary.json").write_text(json.dumps({"test": test, "train_seconds": 10.0, "epochs": 2}))
-        with open(folder / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, ["epoch", "val/acc", "train_seconds"])
-            writer.writeheader()
-            writer.writerows([{"epoch": 0, "val/acc": 0.5, "train_seconds": 5}, {"epoch": 1, "val/acc": 0.9,
-                                                                                 "train_seconds": 10}])  # fmt: skip
+        test = {"test/acc": 0.9 + overrides["seed_everything"] / 100, "test/phase1_acc_before": 0.8,
+                "test/phase1_acc": 0.8}  # fmt: skip
+        history = [{"epoch": 0.0, "val/acc": 0.5, "train_seconds": 5.0}, {"epoch": 1.0, "val/acc": 0.9,
+                                                                          "train_seconds": 10.0}]  # fmt: skip
+        record = RunRecord(folder, {"run": folder.name, "test": test, "train_seconds": 10.0, "epochs": 2}, history)
+        record.write()
+        return record
 
-    return run
+    return fit
 
 
 def test_an_interrupted_study_continues_where_it_stopped(tmp_path: Path) -> None:
     calls: list[list[str]] = []
     with pytest.raises(KeyboardInterrupt):
-        run_study("split_cifar10", [0, 1], ["--data.data_dir=x"], tmp_path, run=_fake_fit(calls, stop_at=6))
+        run_study("split_cifar10", [0, 1], ["--data.data_dir=x"], tmp_path, fit=_fake_fit(calls, stop_at=6))
     assert len(calls) == 6  # phase 1 and the three phase-2 runs of seed 0, phase 1 of seed 1, then the stop
     (study,) = [p for p in (tmp_path / "split_cifar10").iterdir()]
     assert not (study / "study.json").exists()
     calls.clear()
-    again = run_study("split_cifar10", [0, 1], ["--data.data_dir=x"], tmp_path, run=_fake_fit(calls))
+    again = run_study("split_cifar10", [0, 1], ["--data.data_dir=x"], tmp_path, fit=_fake_fit(calls))
     assert again == study  # the same study, continued
     assert len(calls) == 3  # the interrupted run resumed from its checkpoint, then the two left
-    assert any(a.startswith("--ckpt_path=") and a.endswith("-s1-transfer") for a in calls[0])
-    assert all("--data.data_dir=x" in c for c in calls)
-    transfer = next(c for c in calls if any("-s1-transfer" in a for a in c))
+    assert calls[0]["overrides"]["ckpt_path"].endswith("-s1-transfer")
+    assert all("--data.data_dir=x" in c["args"] for c in calls)
+    transfer = next(c for c in calls if c["overrides"].get("ckpt_path", "").endswith("-s1-transfer"))
     phase1_best = f"{study}/runs/split_cifar10_phase1/{study.name}-s1-phase1/checkpoints/best.ckpt"
-    assert f"--model.network.init_args.checkpoint_path={phase1_best}" in transfer  # its own seed's phase 1
-    assert all(f"--trainer.logger.init_args.group=split_cifar10-{study.name}" in c for c in calls)
+    assert transfer["overrides"]["model.network.init_args.checkpoint_path"] == phase1_best  # its own seed's phase 1
+    assert all(c["group"] == f"split_cifar10-{study.name}" for c in calls)
     result = json.loads((study / "study.json").read_text())
     assert result["seeds"] == [0, 1] and set(result["per_seed"]) == {"0", "1"}
     assert (study / "study.md").is_file() and (study / "study.png").stat().st_size > 0
     # a finished study is not continued: the same command starts a new one
     calls.clear()
-    other = run_study("split_cifar10", [0], [], tmp_path, run=_fake_fit(calls))
+    other = run_study("split_cifar10", [0], [], tmp_path, fit=_fake_fit(calls))
     assert other != study and len(calls) == 4
 
 
 def test_a_config_study_reports_test_figures_over_seeds(tmp_path: Path) -> None:
     calls: list[list[str]] = []
-    study = run_study("mnist", [0, 1, 2], [], tmp_path, run=_fake_fit(calls))
-    assert [c[2] for c in calls] == ["mnist"] * 3
+    study = run_study("mnist", [0, 1, 2], [], tmp_path, fit=_fake_fit(calls))
+    assert [c["config"] for c in calls] == ["mnist"] * 3
     result = json.loads((study / "study.json").read_text())
     acc = result["mean_std"]["test"]["test/acc"]
     assert acc["values"] == pytest.approx([0.90, 0.91, 0.92]) and acc["mean"] == pytest.approx(0.91)
@@ -174,7 +170,7 @@ def test_link_declares_each_phase2_run_a_user_of_its_phase1_artifact(tmp_path: P
             return Run(path)
 
     monkeypatch.setattr(wandb, "Api", Api)
-    study = run_study("split_cifar10", [0], [], tmp_path, run=_fake_fit([]))
+    study = run_study("split_cifar10", [0], [], tmp_path, fit=_fake_fit([]))
     main(["study", "--link", str(study)])
     phase1 = f"{study.name}-s0-phase1"
     assert sorted(calls) == [

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 from fakedata import make_image_folder
+from wandb_files import read_run
 
 from lightning_cnn.cli import main
 from lightning_cnn.experiments import CONFIG_DIR
-from lightning_cnn.reporting.wandb_files import read_run
 
 CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -108,11 +109,17 @@ def test_no_account_means_offline_with_a_sync_hint(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    import wandb
+
     logger = WandbLogger(save_dir=str(tmp_path / "run"))
-    assert logger._offline
+    assert logger.experiment.offline  # the run starts, recorded offline
+    logger.experiment.finish()
+    wandb.teardown()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert f"wandb sync {tmp_path / 'run' / 'wandb' / 'offline-run-*'}" in "".join(capfd.readouterr())
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    assert not WandbLogger(save_dir=str(tmp_path / "run"))._offline  # an account: online as configured
+    online = WandbLogger(save_dir=str(tmp_path / "run"))  # an account: online as configured (not started here)
+    assert online.init_kwargs["mode"] is None and "WANDB_MODE" not in os.environ
 
 
 class _FakeApiRun:

@@ -30,6 +30,8 @@ class ResidentDataModule(L.LightningDataModule):
             any metric.
         download: fetch the official files with torchvision when nothing is found under ``data_dir``.
         seed: seed of the shuffle, the augmentation and any random hold-out.
+        val_fraction: ``None`` validates on the test split (the assignment's choice); a share in (0, 1) holds
+            out that much of the training set instead, chosen at random under ``seed``.
         mean: per-channel mean subtracted after scaling pixels to [0, 1].
         std: per-channel standard deviation divided by after that.
         pad: zero padding of the random crop (0 turns cropping off).
@@ -49,6 +51,7 @@ class ResidentDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         download: bool = True,
         seed: int = 0,
+        val_fraction: float | None = None,
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
         pad: int = 0,
@@ -64,10 +67,12 @@ class ResidentDataModule(L.LightningDataModule):
         _check(len(mean) in (1, self.input_shape[0]), f"mean needs 1 or {self.input_shape[0]} values, got {mean}")
         _check(len(std) in (1, self.input_shape[0]), f"std needs 1 or {self.input_shape[0]} values, got {std}")
         _check(all(s > 0 for s in std), f"std values must be positive, got {list(std)}")
+        _check_fraction(val_fraction, allow_none=True)
         self.save_hyperparameters()
         self.data_dir, self.batch_size, self.download, self.seed = data_dir, batch_size, download, seed
         self.eval_batch_size = eval_batch_size or batch_size
         self.pad, self.flip_p, self.data_on_device, self.predict_dir = pad, flip_p, data_on_device, predict_dir
+        self.val_fraction = val_fraction
         channels = self.input_shape[0]
         self.normalize = Normalize([*mean] * (channels // len(mean)), [*std] * (channels // len(std)))
         self._classes: tuple[str, ...] | None = None
@@ -100,7 +105,12 @@ class ResidentDataModule(L.LightningDataModule):
         self.train_split, self.val_split, self.test_split = self._splits(data.train, data.test)
 
     def _splits(self, train: Split, test: Split) -> tuple[Split, Split, Split]:
-        raise NotImplementedError
+        """Train, validation and test: validation on the test split, or a random hold-out of ``val_fraction``."""
+        if self.val_fraction is None:
+            return train, test, test
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
+        n_val = max(1, round(len(train) * self.val_fraction))
+        return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values), test
 
     # ------------------------------------------------------------------ batches
     def _device(self) -> torch.device:
@@ -156,8 +166,10 @@ class MNISTDataModule(ResidentDataModule):
     """MNIST, 28x28 grayscale, normalized with mean 0.5 and std 0.5 as in the assignment; no augmentation.
 
     Args:
-        val_fraction: ``None`` validates on the test split (the assignment's choice); a share in (0, 1) holds
-            out that much of the training set instead, chosen at random under ``seed``.
+        data_dir: see :class:`ResidentDataModule`, like every other argument.
+        batch_size: training batch size.
+        mean: per-channel mean (the assignment's 0.5).
+        std: per-channel standard deviation (the assignment's 0.5).
         **kwargs: see :class:`ResidentDataModule`.
     """
 
@@ -169,27 +181,24 @@ class MNISTDataModule(ResidentDataModule):
         self,
         data_dir: str | None = None,
         batch_size: int = 128,
-        val_fraction: float | None = None,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
         **kwargs: Any,
     ) -> None:
-        _check_fraction(val_fraction, allow_none=True)
         super().__init__(data_dir, batch_size, mean=mean, std=std, **kwargs)
-        self.val_fraction = val_fraction
-
-    def _splits(self, train: Split, test: Split) -> tuple[Split, Split, Split]:
-        if self.val_fraction is None:
-            return train, test, test
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
-        n_val = max(1, round(len(train) * self.val_fraction))
-        return train.subset(perm[n_val:].sort().values), train.subset(perm[:n_val].sort().values), test
 
 
-class CIFAR10DataModule(MNISTDataModule):
+class CIFAR10DataModule(ResidentDataModule):
     """CIFAR-10 with the assignment's augmentation: random horizontal flip, random 32x32 crop padded by 4.
 
     Normalization defaults to the assignment's (mean 0, std 1: pixels in [0, 1]).
+
+    Args:
+        data_dir: see :class:`ResidentDataModule`, like every other argument.
+        batch_size: training batch size.
+        pad: zero padding of the random crop (the assignment's 4).
+        flip_p: probability of a random horizontal flip (the assignment's 0.5).
+        **kwargs: see :class:`ResidentDataModule`.
 
     Example:
         >>> dm = CIFAR10DataModule(data_dir="/datasets", batch_size=256)
@@ -202,17 +211,9 @@ class CIFAR10DataModule(MNISTDataModule):
     default_classes = CIFAR10_CLASSES
 
     def __init__(
-        self,
-        data_dir: str | None = None,
-        batch_size: int = 128,
-        val_fraction: float | None = None,
-        mean: Sequence[float] = (0.0, 0.0, 0.0),
-        std: Sequence[float] = (1.0, 1.0, 1.0),
-        pad: int = 4,
-        flip_p: float = 0.5,
-        **kwargs: Any,
+        self, data_dir: str | None = None, batch_size: int = 128, pad: int = 4, flip_p: float = 0.5, **kwargs: Any
     ) -> None:
-        super().__init__(data_dir, batch_size, val_fraction, mean, std, pad=pad, flip_p=flip_p, **kwargs)
+        super().__init__(data_dir, batch_size, pad=pad, flip_p=flip_p, **kwargs)
 
 
 def _check(condition: bool, message: str) -> None:

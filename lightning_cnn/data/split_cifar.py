@@ -55,8 +55,8 @@ class SplitCIFAR10DataModule(CIFAR10DataModule):
         overlap = sorted(set(phase1_classes) & set(phase2_classes))
         _check(not overlap, f"phase1_classes and phase2_classes overlap on {overlap}; the phases must be disjoint")
         _check_fraction(val_fraction)
-        super().__init__(data_dir, batch_size, **kwargs)
-        self.phase, self.remap_labels, self.holdout = phase, remap_labels, val_fraction
+        super().__init__(data_dir, batch_size, val_fraction=val_fraction, **kwargs)
+        self.phase, self.remap_labels = phase, remap_labels
         self.classes = [int(c) for c in (phase1_classes if phase == 1 else phase2_classes)]
 
     @property
@@ -69,10 +69,10 @@ class SplitCIFAR10DataModule(CIFAR10DataModule):
         return [names[c] for c in self.classes] if self.remap_labels else names[: self.num_classes]
 
     def _splits(self, train: Split, test: Split) -> tuple[Split, Split, Split]:
-        keep, held = [], []
+        keep, held, val_share = [], [], float(self.val_fraction or 0.0)
         for c in self.classes:
             members = (train.labels == c).nonzero().flatten()
-            n_val = round(len(members) * self.holdout)
+            n_val = round(len(members) * val_share)
             keep.append(members[: len(members) - n_val])
             held.append(members[len(members) - n_val :])
         test_index = torch.isin(test.labels, torch.tensor(self.classes)).nonzero().flatten()

@@ -29,6 +29,7 @@ def load_network_state(path: str | Path) -> dict[str, torch.Tensor]:
     weights = state.get("state_dict", state)
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path} holds no state dict; expected a Lightning .ckpt of a phase-1 run.")
+    # a torch.compile(d) network saves its weights under _orig_mod. (private to torch; docs/development.md)
     for prefix in ("network._orig_mod.", "network."):
         found = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         if found:

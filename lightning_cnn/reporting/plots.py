@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,17 +14,20 @@ matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt
 import torch
 
+from lightning_cnn.files import write_atomically
+from lightning_cnn.reporting.record import RunRecord
 
-def plot_learning_curves(history: Sequence[dict[str, float]], path: Path, title: str = "") -> None:
+
+def plot_learning_curves(record: RunRecord, path: Path) -> None:
     """Loss and accuracy per epoch, training and validation, side by side."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "acc"), strict=True):
         for stage, style in (("train", "-o"), ("val", "-s")):
-            points = [(row["epoch"] + 1, row[f"{stage}/{metric}"]) for row in history if f"{stage}/{metric}" in row]
+            points = [(epoch, value) for epoch, value, _ in record.curve(f"{stage}/{metric}")]
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=f"{stage}/{metric}", markersize=3)
         ax.set_xlabel("epoch")
-        ax.set_title(f"{title} {metric}".strip())
+        ax.set_title(f"{record.name} {metric}")
         _grid_and_legend(ax)
     _save(fig, path)
 
@@ -45,18 +49,20 @@ def write_per_class_table(
     per_class: dict[str, torch.Tensor], support: torch.Tensor, names: Sequence[str], path: Path, present: torch.Tensor
 ) -> None:
     """Precision, recall and F1 (torchmetrics, ``average=None``) and support of each class present."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "precision", "recall", "f1", "support"])
-        for i in present.nonzero().flatten().tolist():
-            name = names[i] if i < len(names) else str(i)
-            figures = [f"{float(per_class[k][i]):.4f}" for k in ("precision", "recall", "f1")]
-            writer.writerow([name, *figures, int(support[i])])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["class", "precision", "recall", "f1", "support"])
+    for i in present.nonzero().flatten().tolist():
+        name = names[i] if i < len(names) else str(i)
+        figures = [f"{float(per_class[k][i]):.4f}" for k in ("precision", "recall", "f1")]
+        writer.writerow([name, *figures, int(support[i])])
+    write_atomically(path, text.getvalue())
 
 
-def plot_validation_curves(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
+def plot_validation_curves(records: dict[str, RunRecord], path: Path) -> None:
     """Validation accuracy per epoch of several runs on one axis."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = {name: [(epoch, value) for epoch, value, _ in record.curve()] for name, record in records.items()}
     for name, points in curves.items():
         if points:
             ax.plot(*zip(*points, strict=True), "-o", label=name, markersize=3)
@@ -92,7 +98,7 @@ def plot_test_samples(
     _save(fig, path)
 
 
-def plot_study(result: dict[str, Any], runs: dict[int, dict[str, dict[str, Any]]], path: Path) -> None:
+def plot_study(result: dict[str, Any], runs: dict[int, dict[str, RunRecord]], path: Path) -> None:
     """A study's picture: the accuracy matrix of each phase-2 method as a heatmap (mean over seeds) and the
     validation curves with a band of ± one std over seeds; for a single-config study, its curve alone."""
     seeds = result["seeds"]
@@ -123,9 +129,7 @@ def plot_study(result: dict[str, Any], runs: dict[int, dict[str, dict[str, Any]]
             ax.set_title(key)
     ax = axes[-1]
     for key in keys:
-        curves = [
-            [(row["epoch"] + 1, row["val/acc"]) for row in runs[s][key]["history"] if "val/acc" in row] for s in seeds
-        ]
+        curves = [[(epoch, value) for epoch, value, _ in runs[s][key].curve()] for s in seeds]
         length = min((len(c) for c in curves), default=0)
         if not length:
             continue
@@ -150,5 +154,7 @@ def _grid_and_legend(ax: Any) -> None:
 
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    picture = io.BytesIO()
+    fig.savefig(picture, format="png", dpi=100)
     plt.close(fig)
+    write_atomically(path, picture.getvalue())

@@ -1,15 +1,12 @@
 """What a run leaves beside its checkpoints for people and for ``lightning-cnn compare``.
 
-``summary.json`` (figures, parameter counts, epochs, wall time, training images/s), ``history.csv`` (one row
-per epoch), ``learning_curves.png`` and, after test, ``confusion_matrix.png`` and ``per_class.csv``.
+Its :class:`~lightning_cnn.reporting.record.RunRecord` (``summary.json``, ``history.csv``),
+``learning_curves.png`` and, after test, ``confusion_matrix.png``, ``per_class.csv`` and ``test_samples.png``.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,28 +17,26 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_cnn import __version__
-from lightning_cnn.checkpoints import write_atomically
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import UserError
 from lightning_cnn.models import ImageClassifier
-
-SUMMARY = "summary.json"
-HISTORY = "history.csv"
+from lightning_cnn.reporting.record import RunRecord
+from lightning_cnn.reporting.wandb_logger import wandb_disabled
+from lightning_cnn.training.runs import Run
 
 
 def _float(value: Any) -> float:
     return float(value.detach().cpu()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True).encode()
-    write_atomically(path, lambda f: f.write(text))
-
-
 class RunReport(L.Callback):
     """Records a run's figures, timing and per-epoch history, and writes them into the run folder.
 
-    The run folder is ``trainer.default_root_dir`` (``runs/<experiment>/<run id>`` from the CLI). Its history and
+    Args:
+        run: the run it reports (the CLI hands it over); ``None``: the run folder is ``trainer.default_root_dir``
+            and the run is named after it, for a Trainer of your own.
+
+    Its history and
     timing travel in the checkpoints (``state_dict``), so a run resumed with ``--ckpt_path``, even from the
     mid-epoch checkpoint an interruption leaves, reports all its epochs and its training time and images
     over every part, not just the last.
@@ -52,7 +47,8 @@ class RunReport(L.Callback):
     starts from what it holds in memory, while ``history.csv`` is one row per epoch that survives a resume.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run: Run | None = None) -> None:
+        self.run = run
         self.summary: dict[str, Any] = {}
         self.history: list[dict[str, float]] = []
         self._train_seconds = 0.0
@@ -92,9 +88,10 @@ class RunReport(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        folder = self._folder(trainer)
         self.summary = {
-            "run": Path(trainer.default_root_dir).name,
-            "experiment": Path(trainer.default_root_dir).parent.name,
+            "run": self.run.id if self.run else folder.name,
+            "experiment": self.run.experiment if self.run else folder.parent.name,
             "versions": {"lightning_cnn": __version__, "torch": torch.__version__, "lightning": L.__version__},
             "parameters": sum(p.numel() for p in pl_module.parameters()),
             "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
@@ -151,23 +148,21 @@ class RunReport(L.Callback):
             # part of train_seconds; with torch.compile mostly compile time, which time targets report apart
             first_step_seconds=round(self._first_step_seconds or 0.0, 3),
         )
-        folder = Path(trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._write_history(folder / HISTORY)
-        write_json_atomically(folder / SUMMARY, self.summary)
+        record = RunRecord(self._folder(trainer), self.summary, self.history)
+        record.write()
         from lightning_cnn.reporting.plots import plot_learning_curves
 
-        plot_learning_curves(self.history, folder / "learning_curves.png", title=self.summary["run"])
+        plot_learning_curves(record, self._folder(trainer) / "learning_curves.png")
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning_cnn.reporting.plots import plot_confusion_matrix, plot_test_samples, write_per_class_table
 
-        folder = Path(trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        summary = self.summary or _read_summary(folder)
-        summary["test"] = {k: round(_float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        write_json_atomically(folder / SUMMARY, summary)
+        folder = self._folder(trainer)
+        summary = self.summary or _read_or_new(folder).summary  # a test-only run adds to the run's own figures
+        metrics = trainer.callback_metrics
+        summary["test"] = {k: round(_float(v), 6) for k, v in metrics.items() if k.startswith("test/")}
+        RunRecord(folder, summary).write()  # the history stays as the fit wrote it
         if not isinstance(pl_module, ImageClassifier) or "test" not in pl_module.confusion:
             return
         confusion, names = pl_module.confusion["test"], list(pl_module.class_names)
@@ -180,16 +175,11 @@ class RunReport(L.Callback):
         if isinstance(datamodule, ResidentDataModule) and datamodule.test_split is not None:
             plot_test_samples(pl_module, datamodule, datamodule.test_split, names, folder / "test_samples.png")
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and os.environ.get("WANDB_MODE") != "disabled":
+            if isinstance(logger, WandbLogger) and not wandb_disabled():
                 _log_to_wandb(logger, summary, confusion, names, present, folder)
 
-    def _write_history(self, path: Path) -> None:
-        keys = sorted({k for row in self.history for k in row}, key=lambda k: (k not in ("epoch", "step"), k))
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, keys)
-        writer.writeheader()
-        writer.writerows(self.history)
-        write_atomically(path, lambda f: f.write(text.getvalue().encode()))
+    def _folder(self, trainer: L.Trainer) -> Path:
+        return self.run.folder if self.run else Path(trainer.default_root_dir)
 
 
 def _log_to_wandb(
@@ -221,25 +211,9 @@ def _log_to_wandb(
     logger.experiment.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
 
 
-def _read_summary(folder: Path) -> dict[str, Any]:
+def _read_or_new(folder: Path) -> RunRecord:
+    """The record a test-only run adds its figures to: the run's own when it has one, else a new one."""
     try:
-        return read_summary(folder)
+        return RunRecord.read(folder)
     except UserError:
-        return {"run": folder.name}
-
-
-def read_summary(folder: Path) -> dict[str, Any]:
-    """A run folder's ``summary.json``; a missing or damaged one stops with one line."""
-    try:
-        return dict(json.loads((folder / SUMMARY).read_text()))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{folder / SUMMARY} cannot be read ({err}); is {folder} a finished run?") from err
-
-
-def read_history(folder: Path) -> list[dict[str, float]]:
-    """A run folder's ``history.csv`` as rows of numbers (empty cells left out); none when it has no file."""
-    try:
-        with open(folder / HISTORY, newline="") as f:
-            return [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
-    except FileNotFoundError:
-        return []
+        return RunRecord(folder, {"run": folder.name})

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
 import netrc
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_cnn.training.runs import process_rank, run_folder_of
+from lightning_cnn.files import write_atomically
+from lightning_cnn.training.runs import Run, process_rank, run_folder_of
 
 INIT_TIMEOUT = 30  # seconds W&B may try to reach its server before the run goes on offline
+# Lightning's WandbLogger's own parameters; the rest of its **kwargs are wandb.init's
+LIGHTNING_PARAMETERS = frozenset(inspect.signature(LightningWandbLogger.__init__).parameters) - {"self", "kwargs"}
 
 
 def wandb_configured() -> bool:
@@ -39,7 +43,12 @@ class WandbLogger(LightningWandbLogger):
 
     With no API key and ``WANDB_MODE`` unset, the run is written locally (``<save_dir>/wandb/offline-run-*``)
     instead of stopping at a login prompt; W&B prints the ``wandb sync`` line that uploads it later.
-    ``WANDB_MODE=offline`` or ``disabled`` are obeyed as they are.
+    ``WANDB_MODE=offline`` or ``disabled`` are obeyed as they are. When the server cannot be reached within
+    ``INIT_TIMEOUT`` seconds (``WANDB_INIT_TIMEOUT`` overrides it), the run is recorded offline instead.
+
+    The W&B run is started here with ``wandb.init`` (Lightning's logger then logs into it, as it does into a
+    run its user started), so that the mode, the timeout and the offline fallback are W&B's public settings of
+    this one run: nothing process-wide (Lightning's ``offline=True`` sets ``WANDB_MODE`` for the whole process).
 
     Args:
         project: W&B project.
@@ -47,14 +56,14 @@ class WandbLogger(LightningWandbLogger):
         group: runs of one study (the split CIFAR-10 phases and their baseline share one).
         job_type: role of the run within its group (``phase1``, ``phase2-transfer``, ...).
         tags: e.g. the dataset and the model.
-        save_dir: where the local run files go (the CLI sets the run folder); ``None``: the working directory.
+        save_dir: where the local run files go (the CLI uses the run folder); ``None``: the working directory.
         offline: force offline; ``None`` decides as above.
-        id: the W&B run id (the CLI uses the run folder's name, so a resumed run continues its W&B run).
+        id: the W&B run id (the CLI uses the run id, so a resumed run continues its W&B run).
         resume: W&B's resume policy (the CLI sets ``"allow"`` when it resumes a run).
         checkpoint_artifacts: when a fit succeeds, log the run's best and last checkpoints as versions of the
             model artifact ``model-<run id>`` (aliases ``best`` and ``latest``), not every epoch's. Lightning's
             ``log_model=True`` takes whichever checkpoint callback saved last, which here is the last-epoch one.
-        **kwargs: passed on to Lightning's ``WandbLogger`` and ``wandb.init``.
+        **kwargs: passed on to ``wandb.init``.
     """
 
     def __init__(
@@ -71,36 +80,39 @@ class WandbLogger(LightningWandbLogger):
         checkpoint_artifacts: bool = False,
         **kwargs: Any,
     ) -> None:
+        given = dict(project=project, name=name, group=group, job_type=job_type, tags=tags, save_dir=save_dir,
+                     offline=offline, id=id, resume=resume, checkpoint_artifacts=checkpoint_artifacts)  # fmt: skip
+        self.given = {**given, **kwargs}  # what for_run() builds the run's logger from
         # Absolute: wandb's service process outlives a run and resolves relative paths against its own cwd.
         save_dir = str(Path(save_dir or ".").resolve())
-        rank_zero = process_rank() == 0
-        if offline is None:
-            offline = os.environ.get("WANDB_MODE") is None and not wandb_configured()
-            if offline and rank_zero:
-                hint = f"wandb sync {Path(save_dir) / 'wandb' / 'offline-run-*'}"
-                print(f"W&B: no API key found, recording offline. Upload later with `{hint}`.", file=sys.stderr)
-        if rank_zero:  # only rank 0 makes the W&B run; the others must not create folders
+        if process_rank() == 0:  # only rank 0 makes the W&B run; the others must not create folders
             Path(save_dir).mkdir(parents=True, exist_ok=True)
-        if resume is not None:
-            kwargs["resume"] = resume
-        mode = "offline" if offline else os.environ.get("WANDB_MODE")
-        if mode and kwargs.get("mode") is None:  # LightningCLI passes mode=None from wandb.init's signature
-            # W&B reads WANDB_MODE once per process; given per run, each in-process run obeys it as a new process would
-            kwargs["mode"] = mode
-        if not offline and "settings" not in kwargs and not os.environ.get("WANDB_INIT_TIMEOUT"):
+        self.no_key = offline is None and os.environ.get("WANDB_MODE") is None and not wandb_configured()
+        # LightningCLI passes every parameter of Lightning's logger and of wandb.init, unset ones as None: W&B
+        # gets what is set of its own
+        init = {k: v for k, v in kwargs.items() if v is not None and k not in LIGHTNING_PARAMETERS}
+        init.update(project=project, name=name, group=group, job_type=job_type, tags=tags, dir=save_dir, id=id)
+        init["resume"] = resume
+        init["mode"] = "offline" if offline or self.no_key else os.environ.get("WANDB_MODE")
+        if init.get("settings") is None and init["mode"] != "offline" and not os.environ.get("WANDB_INIT_TIMEOUT"):
             import wandb
 
             # W&B waits 90 s for an unreachable server by default; training should not wait that long
-            kwargs["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT)
-        super().__init__(
-            project=project, name=name, group=group, job_type=job_type, tags=tags, save_dir=save_dir,
-            offline=offline, id=id, **kwargs,
-        )  # fmt: skip
+            init["settings"] = wandb.Settings(init_timeout=INIT_TIMEOUT)
+        self.init_kwargs = init
+        super().__init__(project=project, name=name, save_dir=save_dir, id=id, **kwargs)
         self.checkpoint_artifacts = checkpoint_artifacts
-        # Lightning passes anonymous=None on, and wandb warns on every run that the setting has no effect
-        self._wandb_init.pop("anonymous", None)
+        self._run_started = False
         self._checkpoint_dir: Path | None = None
         self._artifacts_logged = False
+
+    def for_run(self, run: Run) -> WandbLogger:
+        """This logger's settings for ``run``: files in its folder, its id (a resumed run continues its W&B run),
+        its group when it has one, named after its experiment unless a name was given."""
+        return type(self)(**{**self.given, "save_dir": str(run.folder), "id": run.id,
+                             "name": self.given.get("name") or run.experiment,
+                             "group": run.group or self.given.get("group"),
+                             "resume": "allow" if run.resumed else self.given.get("resume")})  # fmt: skip
 
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         if not self.checkpoint_artifacts:
@@ -111,7 +123,7 @@ class WandbLogger(LightningWandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if status != "success" or self._checkpoint_dir is None or self._artifacts_logged or _disabled():
+        if status != "success" or self._checkpoint_dir is None or self._artifacts_logged or wandb_disabled():
             return
         import wandb
 
@@ -127,25 +139,35 @@ class WandbLogger(LightningWandbLogger):
     @rank_zero_experiment
     def experiment(self) -> Any:
         """The W&B run; when the server cannot be reached, an offline run instead, so training goes on."""
-        stale = current_wandb_run()
-        disabled_here = self._wandb_init.get("mode") == "disabled"
-        if self._experiment is None and stale is not None and stale.disabled and not disabled_here:
-            stale.finish()  # Lightning would log into any open wandb.run, even a disabled stand-in left behind
+        if not self._run_started:
+            self._run_started = True
+            self._start_run()
+        with warnings.catch_warnings():  # Lightning's note that it logs into the open run: the one started here
+            warnings.filterwarnings("ignore", message="There is a wandb run already in progress")
+            return super().experiment
+
+    def _start_run(self) -> None:
+        import wandb
+
+        if wandb.run is not None and wandb.run.disabled and self.init_kwargs["mode"] != "disabled":
+            wandb.run.finish()  # a disabled stand-in left behind: not a run to log into
+        if wandb.run is not None:
+            return  # the caller's own run (a sweep agent's function): Lightning logs into it, as it intends
+        hint = f"wandb sync {Path(self.init_kwargs['dir']) / 'wandb' / 'offline-run-*'}"
+        if self.no_key:
+            print(f"W&B: no API key found, recording offline. Upload later with `{hint}`.", file=sys.stderr)
         try:
-            return LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+            run = wandb.init(**self.init_kwargs)
         except Exception as err:  # wandb raises CommError, UsageError, TimeoutError, ... for a server it lacks
-            if self._offline or self._experiment is not None or os.environ.get("WANDB_MODE") == "disabled":
+            if self.init_kwargs["mode"] in ("offline", "disabled"):
                 raise
-            hint = f"wandb sync {Path(self._save_dir or '.') / 'wandb' / 'offline-run-*'}"
             print(f"W&B: the server could not be reached ({type(err).__name__}); recording offline instead. "
                   f"Upload later with `{hint}`.", file=sys.stderr)  # fmt: skip
-            import wandb
-
             wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
-            self._offline = True
-            self._wandb_init["mode"] = "offline"
-            self._wandb_init.pop("settings", None)
-            return LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+            run = wandb.init(**{**self.init_kwargs, "mode": "offline", "settings": None})
+        # the x-axis Lightning defines for a run it starts itself
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
 
 
 def checkpoint_artifact(checkpoint: str | Path) -> str | None:
@@ -171,42 +193,49 @@ class UseCheckpointArtifact(L.Callback):
 
         network = pl_module.network if isinstance(pl_module, ImageClassifier) else None
         reference = checkpoint_artifact(network.checkpoint_path) if isinstance(network, TransferNet) else None
-        if reference is None or not trainer.is_global_zero or _disabled():
+        if reference is None or not trainer.is_global_zero or wandb_disabled():
             return
         for logger in trainer.loggers:
             if isinstance(logger, LightningWandbLogger):
                 run = logger.experiment
                 run.config.update({"uses_artifact": reference}, allow_val_change=True)
-                if not run.settings._offline:
+                if not run.offline:
                     logger.use_artifact(reference, artifact_type="model")
 
 
 class SaveConfigToRun(SaveConfigCallback):
     """LightningCLI's ``SaveConfigCallback`` that saves the config into the run folder and the W&B run.
 
-    ``config.yaml`` goes to the run folder (``trainer.default_root_dir``, one per run, so nothing is overwritten
-    but a resumed run's own file). With a W&B logger the whole resolved config becomes the run's config and the
-    file is saved with the run. Only rank 0 does this, so DDP makes one W&B run, not one per process.
+    ``config.yaml`` in the run folder reruns the experiment: the settings the run trained with, without its
+    placement (no run id; for a fit no resume checkpoint), so ``fit --config runs/<exp>/<id>/config.yaml``
+    starts a new run beside it. With a W&B logger the whole resolved config, and where the run lives (run id,
+    folder, the checkpoint it loaded), become the W&B run's config, and the file is saved with the run. Only rank
+    0 does this, so DDP makes one W&B run, not one per process.
 
     Lightning's own ``setup`` asks ``trainer.log_dir``, a collective, which then runs on every rank; the W&B part
     runs on rank 0 alone and must not call one (an earlier version read ``trainer.log_dir`` there, and DDP hung).
+
+    Args:
+        run: the run whose folder gets the file.
     """
 
-    def __init__(self, *args: Any, rerun_config: Namespace | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run: Run, **kwargs: Any) -> None:
         super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
-        self.rerun_config = rerun_config
+        self.run = run
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Rank 0 only (Lightning calls this on global rank zero): no collective calls in here.
-        config_path = Path(trainer.default_root_dir) / self.config_filename
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        # The file reruns the experiment (rerun_config: without this run's folders); W&B gets the run as placed.
-        saved = self.rerun_config if self.rerun_config is not None else self.config
-        self.parser.save(saved, str(config_path), skip_unset=False, overwrite=True, multifile=self.multifile)
+        config_path = self.run.folder / self.config_filename
+        rerun = self.config.clone()
+        rerun.run_id = None
+        if stage == "fit":
+            rerun.ckpt_path = None
+        write_atomically(config_path, self.parser.dump(rerun, skip_none=False))
         for logger in trainer.loggers:
-            if isinstance(logger, LightningWandbLogger) and not _disabled():
+            if isinstance(logger, LightningWandbLogger) and not wandb_disabled():
                 experiment = logger.experiment
-                experiment.config.update(self.config.as_dict(), allow_val_change=True)
+                placed = {"run_id": self.run.id, "run_folder": str(self.run.folder), "ckpt_path": self.run.ckpt_path}
+                experiment.config.update({**self.config.as_dict(), **placed}, allow_val_change=True)
                 # A copy inside the W&B run folder (saving a file from outside it makes W&B warn on every run),
                 # under a name of its own: W&B keeps its run config in files/config.yaml
                 inside = Path(experiment.dir) / "lightning_cnn_config.yaml"
@@ -240,5 +269,6 @@ def finish_wandb_run_started_since(before: Any, failed: bool) -> None:
             wandb.teardown()
 
 
-def _disabled() -> bool:
+def wandb_disabled() -> bool:
+    """Whether W&B is switched off for this process (``WANDB_MODE=disabled``)."""
     return os.environ.get("WANDB_MODE") == "disabled"

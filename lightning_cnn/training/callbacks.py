@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import faulthandler
-import os
+import io
 import random
 import signal
 import subprocess
@@ -21,8 +21,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn.errors import UserError
+from lightning_cnn.files import write_atomically
 from lightning_cnn.models import ImageClassifier
-from lightning_cnn.training.runs import slurm_job_id
+from lightning_cnn.training.runs import Run, slurm_job_id
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -71,13 +72,11 @@ class PredictionCSVWriter(BasePredictionWriter):
         if trainer.global_rank != 0:
             return
         rows = sorted(rows, key=lambda row: row[0])
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.output.with_name(f".{self.output.name}.partial")
-        with open(partial, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", "predicted_class", "probability"])
-            writer.writerows((path, name, f"{p:.6f}") for _, path, name, p in rows)
-        os.replace(partial, self.output)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["file", "predicted_class", "probability"])
+        writer.writerows((path, name, f"{p:.6f}") for _, path, name, p in rows)
+        write_atomically(self.output, text.getvalue())
         print(f"Wrote {len(rows)} predictions to {self.output}")
 
 
@@ -110,17 +109,25 @@ class RNGState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
-class ShareRunFolder(Callback):
-    """Gives every process of a distributed run rank 0's run folder.
+class ShareRun(Callback):
+    """Gives every process of a distributed run rank 0's run: the one channel by which the others learn it.
 
-    Under launchers that start each rank themselves (torchrun, SLURM, several nodes) only rank 0 knows the run
-    folder it created; the others learn it here, at set-up, where every rank takes part in the broadcast.
-    Lightning's own ``ModelCheckpoint`` broadcasts its folder the same way.
+    Only rank 0 decides and creates a run folder; the processes Lightning starts for DDP, torchrun's, SLURM's
+    and other nodes' ranks hold a placeholder until set-up, where every rank takes part in this broadcast
+    (Lightning's own ``ModelCheckpoint`` broadcasts its folder the same way, and does so itself). Only rank 0
+    writes into the run folder; the others keep it for the messages they print.
+
+    Args:
+        run: this process's run, updated in place (the callbacks and the logger that write hold the same object).
     """
 
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        folder = trainer.strategy.broadcast(str(trainer.default_root_dir), src=0)
-        trainer._default_root_dir = folder  # type: ignore[attr-defined]  # no public setter
+        if trainer.world_size > 1:
+            self.run.id, folder = trainer.strategy.broadcast((self.run.id, str(self.run.folder)), src=0)
+            self.run.folder = Path(folder)
 
 
 class ValidateFinalEpoch(Callback):
@@ -156,6 +163,14 @@ class StopOnNonFiniteLoss(Callback):
     ``last.ckpt`` stay those of the last good epoch.
     """
 
+    def __init__(self) -> None:
+        self._batch = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch_idx
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         # Checked before backward, so the bad step never reaches the weights. Under DDP every rank decides
         # together: a rank that stopped alone would leave the others waiting in the gradient all-reduce.
@@ -164,10 +179,9 @@ class StopOnNonFiniteLoss(Callback):
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             directory = _checkpoint_dir(trainer)
-            batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
             raise TrainingDiverged(
                 f"The training loss became {float(loss.detach().float())} at epoch {trainer.current_epoch}, "
-                f"step {trainer.global_step} (batch {batch}). Training stopped; the checkpoints of the last "
+                f"step {trainer.global_step} (batch {self._batch}). Training stopped; the checkpoints of the last "
                 f"good epoch are kept{f' in {directory}' if directory else ''}. Lower the learning rate or add "
                 "gradient clipping (trainer.gradient_clip_val), then resume or restart."
             )
@@ -263,10 +277,12 @@ class SlurmRequeue(Callback):
     points of a step waited for each other until the hang watchdog ended the job.
 
     Args:
+        run: the run whose folder takes the hpc checkpoint (where Lightning looks for one when the job restarts).
         signum: the signal SLURM is told to send.
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1) -> None:
+    def __init__(self, run: Run, signum: int = signal.SIGUSR1) -> None:
+        self.run = run
         self.signum = signum
         self.requested = False
         self.active = False
@@ -287,13 +303,19 @@ class SlurmRequeue(Callback):
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if not requested:
             return
-        trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+        trainer.save_checkpoint(hpc_checkpoint_path(self.run.folder))
         if trainer.is_global_zero:
             job = str(slurm_job_id())
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            print(f"Saved an hpc checkpoint in {trainer.default_root_dir}; scontrol requeue {job}: "
+            print(f"Saved an hpc checkpoint in {self.run.folder}; scontrol requeue {job}: "
                   f"{'done' if done.returncode == 0 else done.stderr.strip() or done.returncode}")  # fmt: skip
         raise SIGTERMException()  # stop as a pre-empted run does (status 143)
+
+
+def hpc_checkpoint_path(folder: Path) -> Path:
+    """The next ``hpc_ckpt_<n>.ckpt`` of ``folder``: the names Lightning resumes a requeued job from (the newest n)."""
+    numbers = [int(n) for p in folder.glob("hpc_ckpt_*.ckpt") if (n := p.stem.rsplit("_", 1)[1]).isdigit()]
+    return folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
 def _checkpoint_dir(trainer: L.Trainer) -> str | None:

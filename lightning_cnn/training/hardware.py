@@ -7,10 +7,14 @@ unset and the CLI picks it per machine; an explicit ``--trainer.precision`` alwa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from lightning_cnn.errors import ConfigError
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -87,3 +91,28 @@ def compile_pays(accelerator: str | None, cuda: bool | None = None) -> bool:
     """Whether ``torch.compile`` is worth its compile time here: on a CUDA GPU; not on CPU (measured slower)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     return cuda and (accelerator or "auto").lower() in ("auto", "gpu", "cuda")
+
+
+def precision_recipes(by_precision: Mapping[Any, Any] | None) -> dict[str, dict[str, Any]]:
+    """A config's ``by_precision`` keyed by the precision Lightning trains in (``bf16`` read as ``bf16-mixed``).
+
+    What a recipe can afford depends on the precision: bf16 trains about twice as fast as fp32 on a CPU that has
+    it, so a time budget holds more epochs there (``cifar10_fast``), and a batch size can pay off in one precision
+    and not the other. The precision is chosen in code for the machine (:func:`choose_precision`); the config says
+    what goes with each.
+
+    Raises:
+        ConfigError: a key is no precision Lightning knows (a misspelt one would never apply).
+
+    Example:
+        >>> precision_recipes({"bf16": {"trainer.max_epochs": 18}})
+        {'bf16-mixed': {'trainer.max_epochs': 18}}
+    """
+    recipes: dict[str, dict[str, Any]] = {}
+    for name, recipe in (by_precision or {}).items():
+        unified = unified_precision(name)
+        if unified is None:
+            raise ConfigError(f"by_precision.{name}: {name!r} is no precision Lightning trains in; use one of "
+                              f"{', '.join(PRECISIONS)}.")  # fmt: skip
+        recipes[unified] = dict(recipe or {})
+    return recipes

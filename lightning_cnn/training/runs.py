@@ -16,18 +16,17 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lightning_cnn.checkpoints import read_checkpoint
 from lightning_cnn.errors import CheckpointError, ConfigError
 
 LATEST = "latest"
 CHECKPOINTS = "checkpoints"
-# Set by rank 0 for the processes Lightning starts for DDP, so they write into rank 0's run folder.
-RUN_ID_ENV = "LIGHTNING_CNN_RUN_ID"
 # --ckpt_path values Lightning resolves itself; anything else is a path
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
@@ -35,11 +34,12 @@ CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 def process_rank() -> int:
     """This process's global rank as the launcher set it in the environment (0 when not distributed).
 
-    Read before the process group exists, so that only rank 0 creates folders.
+    Read before the process group exists, so that only rank 0 creates folders. Lightning reads it from the
+    launcher's variables (``RANK``, ``SLURM_PROCID``, ``LOCAL_RANK``...) when it is imported.
     """
-    from lightning.fabric.utilities.rank_zero import _get_rank
+    from lightning.pytorch.utilities import rank_zero_only
 
-    return _get_rank() or 0
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def new_run_id() -> str:
@@ -150,46 +150,70 @@ def point_latest(run: Path) -> None:
 
 
 @dataclass
-class RunPlan:
-    """Where a command runs and what it loads.
+class Run:
+    """One run, decided once before anything is built, and handed to what writes into it.
+
+    The checkpoint callbacks, the logger, the run report and the saved config all get this object; under DDP the
+    other processes learn rank 0's run at set-up (:class:`~lightning_cnn.training.callbacks.ShareRun`).
 
     Attributes:
+        experiment: the experiment's name (W&B run name; ``runs/<experiment>``).
+        id: the run id: the run folder's name and the W&B run id, so a resumed run continues its W&B run.
         folder: the run folder.
-        ckpt_path: the checkpoint to load (resolved from a run folder or ``last``), or ``None``.
+        ckpt_path: the checkpoint the command loads (``last`` or a run folder resolved to a file), or ``None``.
         resumed: ``folder`` is an earlier run that this fit continues.
-        created: this process created ``folder``.
-        given: the config for the run's ``config.yaml`` (see ``settings.rerun_config``), once placed.
+        created: this process created ``folder`` (it is removed again if the command fails before a checkpoint).
+        group: the W&B group of the run (a study's runs share one), or ``None`` for the logger's own setting.
     """
 
+    experiment: str
+    id: str
     folder: Path
-    ckpt_path: str | None
+    ckpt_path: str | None = None
     resumed: bool = False
     created: bool = False
-    given: Any = None
+    group: str | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.folder / CHECKPOINTS
+
+    def discard_if_unstarted(self) -> None:
+        """Remove the run folder this process created if it holds no checkpoint: a run that failed before training
+        leaves nothing for a resume, the latest pointer or ``compare`` to pick up."""
+        if self.created and self.folder.is_dir() and not any(self.folder.rglob("*.ckpt")):
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def plan_run(
-    subcommand: str, experiment_dir: Path, ckpt_path: str | None, rank: int, run_id: str | None = None
-) -> RunPlan:
-    """Decide the run folder of ``subcommand`` and resolve ``ckpt_path`` (``last``, a run folder, a file).
+def decide_run(
+    subcommand: str,
+    experiment: str,
+    experiment_dir: Path,
+    ckpt_path: str | None = None,
+    run_id: str | None = None,
+    group: str | None = None,
+) -> Run:
+    """Decide the run of ``subcommand`` and resolve ``ckpt_path`` (``last``, a run folder, a file).
 
     ``fit`` resumes in the folder of the run it continues (``--ckpt_path last``: the experiment's newest run with
     a loadable ``last*.ckpt``; a run folder; a checkpoint inside a run folder) and starts a new folder otherwise.
     ``validate``, ``test`` and ``predict`` always get a new folder; given a run folder (or ``latest``) they load
-    its best checkpoint. Only rank 0 creates a folder; other ranks learn it from ``RUN_ID_ENV`` or, under
-    launchers that start every rank themselves, from rank 0 at set-up (see ``ShareRunFolder``). A new run is
-    named ``run_id`` when given (``--run_id``, else a W&B sweep trial's ``WANDB_RUN_ID``), and that name must be new.
+    its best checkpoint. Only rank 0 creates a folder; under DDP the other ranks get a placeholder that
+    :class:`~lightning_cnn.training.callbacks.ShareRun` replaces by rank 0's run at set-up (a SLURM job's ranks
+    all know its folder by name). A new run is named ``run_id`` when given (``--run_id``, else a W&B sweep
+    trial's ``WANDB_RUN_ID``), and that name must be new.
     """
+    rank = process_rank()
     folder: Path | None = None
     if ckpt_path is not None and ckpt_path not in CKPT_KEYWORDS and Path(ckpt_path).is_dir():
-        run = Path(ckpt_path).resolve()
+        given = Path(ckpt_path).resolve()
         if subcommand == "fit":
-            last = newest_resumable(run)
+            last = newest_resumable(given)
             if last is None:
                 raise CheckpointError(f"--ckpt_path {ckpt_path}: the run has no loadable last*.ckpt to resume from.")
-            folder, ckpt_path = run, str(last)
+            folder, ckpt_path = given, str(last)
         else:
-            ckpt_path = str(best_checkpoint(run))
+            ckpt_path = str(best_checkpoint(given))
     elif subcommand == "fit" and ckpt_path == "last":
         # As Lightning's own "last": the newest by time of the experiment's loadable last*.ckpt files.
         last = newest_resumable(*run_folders(experiment_dir))
@@ -203,17 +227,26 @@ def plan_run(
     if folder is not None:
         if rank == 0:
             print(f"lightning-cnn: resuming run {folder} from {ckpt_path}")
-        return RunPlan(folder, ckpt_path, resumed=True)
-    shared = os.environ.get(RUN_ID_ENV)
-    if shared:
-        return RunPlan(experiment_dir / shared, ckpt_path)
+        return Run(experiment, folder.name, folder, ckpt_path, resumed=True, group=group)
     slurm = slurm_run_id(experiment_dir)
     if slurm and subcommand == "fit" and list((experiment_dir / slurm).glob("hpc_ckpt_*.ckpt")):
         # a requeued SLURM job: Lightning resumes from the hpc checkpoint SlurmRequeue saved there
-        return RunPlan(experiment_dir / slurm, ckpt_path, resumed=True)
-    if rank != 0:  # a placeholder, replaced by rank 0's folder at set-up; nothing is created here
-        return RunPlan(experiment_dir / f".rank-{rank}-pending", ckpt_path)
+        return Run(experiment, slurm, experiment_dir / slurm, ckpt_path, resumed=True, group=group)
+    if rank != 0:  # a placeholder, replaced by rank 0's run at set-up; nothing is created here
+        return Run(experiment, f".rank-{rank}-pending", experiment_dir / f".rank-{rank}-pending", ckpt_path)
     wanted = run_id or os.environ.get("WANDB_RUN_ID")
-    if wanted:
-        return RunPlan(create_run_folder(experiment_dir, wanted, exact=True), ckpt_path, created=True)
-    return RunPlan(create_run_folder(experiment_dir, slurm), ckpt_path, created=True)
+    created = create_run_folder(experiment_dir, wanted or slurm, exact=bool(wanted))
+    return Run(experiment, created.name, created, ckpt_path, created=True, group=group)
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, or raise a ConfigError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"Cannot write to the output folder {folder} ({err.strerror or err}). Choose a writable place with "
+            "--trainer.default_root_dir and --checkpoint.dirpath."
+        ) from err

@@ -1,7 +1,9 @@
 """Read a local W&B run (offline or synced) back from its ``run-*.wandb`` file.
 
-Written here because wandb >= 0.20 ships no Python reader for these files (its reader moved into the
-Go core), and ``compare`` and the tests must read offline runs without a server. The file is a
+A test helper: wandb >= 0.20 ships no Python reader for these files (its reader moved into the Go core),
+and the tests check what W&B recorded without a server. It decodes W&B's private record format
+(``wandb.proto.wandb_internal_pb2``), which is why it is no part of the package: ``compare`` reads a run's own
+``summary.json`` and ``history.csv``. The file is a
 LevelDB-style log (32 KiB blocks of records with 7-byte headers) of ``wandb_internal_pb2.Record``s.
 """
 
@@ -11,8 +13,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from lightning_cnn.errors import UserError
 
 _BLOCK = 32768
 _HEADER = 7
@@ -43,7 +43,7 @@ def _chunks(data: bytes) -> Iterator[bytes]:
 def wandb_file(run_dir: Path) -> Path:
     files = sorted(run_dir.glob("run-*.wandb"))
     if not files:
-        raise UserError(f"{run_dir} is not a W&B run folder: it has no run-*.wandb file.")
+        raise FileNotFoundError(f"{run_dir} is not a W&B run folder: it has no run-*.wandb file.")
     return files[0]
 
 
@@ -64,7 +64,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         try:
             record.ParseFromString(raw)
         except Exception as err:  # protobuf's DecodeError; its module path differs between versions
-            raise UserError(f"{path} is damaged ({type(err).__name__}); it cannot be read.") from err
+            raise ValueError(f"{path} is damaged ({type(err).__name__}); it cannot be read.") from err
         kind = record.WhichOneof("record_type")
         if kind == "run":
             config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
