@@ -11,6 +11,7 @@ not used: a later ``--trainer.logger false`` then fails to validate the variant'
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -54,17 +55,55 @@ def resolve_config(value: str) -> str:
     return str(shipped)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: the shipped configs are under 2 KiB
+MAX_CONFIG_VALUES = 100_000  # values a config may expand to through YAML aliases (an alias bomb has billions)
+
+
+def read_config(path: str | Path) -> Any:
+    """A config file's content, read as untrusted input: bounded in size and in what its aliases expand to.
+
+    Raises:
+        ConfigError: the file is larger than 1 MiB, is not UTF-8, or expands past 100,000 values (an "alias bomb",
+            which would take all memory); returns ``None`` for YAML that does not parse (the parser says why).
+    """
+    data = Path(path).read_bytes()
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {len(data):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}. Is it a config?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); save the config as UTF-8.") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # aliases stay references here: cheap for any file
+    except yaml.YAMLError:
+        return None
+    if node is not None and _expanded_size(node, {}) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{path} expands to more than {MAX_CONFIG_VALUES:,} values through its YAML aliases "
+                          "(&anchor / *alias); a config that large is refused.")  # fmt: skip
+    return yaml.safe_load(text)
+
+
+def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
+    """How many values ``node`` becomes once every alias is copied out (counted once per node object)."""
+    if id(node) not in seen:
+        children = node.value if isinstance(node, yaml.CollectionNode) else []
+        parts = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        seen[id(node)] = 1 + sum(_expanded_size(part, seen) for part in parts)
+    return seen[id(node)]
+
+
 def with_bases(path: str, seen: tuple[str, ...] = ()) -> list[str]:
     """The config files to read for ``path``: the configs it ``extends`` (recursively, base first), then itself.
 
     Raises:
-        ConfigError: ``extends`` names no config, or the chain comes back to a file already in it.
+        ConfigError: ``extends`` names no config, the chain comes back to a file already in it, or a file is no
+            config that can be read safely (:func:`read_config`).
     """
     if path in seen:
         raise ConfigError(f"{path} extends itself through {' -> '.join(seen)}.")
     try:
-        content = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        content = read_config(path)
+    except OSError:
         return [path]  # not readable here: the parser reports it in its own words
     base = content.get("extends") if isinstance(content, dict) else None
     if not base:

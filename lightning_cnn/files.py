@@ -47,6 +47,7 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object] | bytes | s
                 content(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a run's files follow the umask, as open() does
         os.replace(tmp, path)
         _fsync_folder(path.parent)
     except OSError as err:
@@ -63,6 +64,19 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object] | bytes | s
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON with sorted keys, written atomically."""
     write_atomically(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:

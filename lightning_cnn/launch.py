@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,7 +31,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning_cnn.checkpoints import AtomicCheckpointIO, check_checkpoint
 from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import ConfigError
-from lightning_cnn.experiments import default_experiment, resolve_config_args
+from lightning_cnn.experiments import default_experiment, read_config, resolve_config_args
 from lightning_cnn.models import ImageClassifier, TransferNet
 from lightning_cnn.reporting.record import RunRecord
 from lightning_cnn.reporting.report import RunReport
@@ -248,8 +247,8 @@ def recipe_position(args: list[str], start: int) -> int:
 
 def _sets_by_precision(path: str) -> bool:
     try:
-        content = yaml.safe_load(Path(path).read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        content = read_config(path)
+    except OSError:
         return False
     return isinstance(content, dict) and "by_precision" in content
 

@@ -106,3 +106,12 @@ def make_data_root(root: Path, per_class_train: int = 10) -> Path:
     make_mnist_idx(root, n_train=64, n_test=32)
     make_image_folder(root / "cifar10", per_class_train=per_class_train, per_class_test=2, suffix=".png")
     return root
+
+
+def write_hostile_configs(folder: Path) -> list[tuple[str, str]]:
+    """A YAML alias bomb (324 bytes, billions of values) and a config that is not UTF-8, with what each is told."""
+    levels = ["a: &a [" + ", ".join(['"x"'] * 9) + "]"]
+    levels += [f"{n}: &{n} [" + ", ".join([f"*{p}"] * 9) + "]" for p, n in zip("abcdefgh", "bcdefghi", strict=True)]
+    (folder / "bomb.yaml").write_text("\n".join(levels) + "\n")
+    (folder / "latin1.yaml").write_bytes("trainer:\n  max_epochs: 2  # für\n".encode("latin-1"))
+    return [("bomb.yaml", "expands to more than 100,000 values"), ("latin1.yaml", "is not UTF-8")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from fakedata import QUICK as QUICK_FIT
-from fakedata import make_data_root
+from fakedata import make_data_root, write_hostile_configs
 from PIL import Image
 
 from lightning_cnn.cli import main, run
@@ -224,6 +224,8 @@ BAD_INPUT += [
     ("output folder not writable", [f"--trainer.default_root_dir={UNWRITABLE}"], "Cannot create the run folder"),
     ("checkpoint folder not writable", [f"--checkpoint.dirpath={UNWRITABLE}"], "Cannot write to the output folder"),
     ("missing resume checkpoint", ["--ckpt_path=gone.ckpt"], "--ckpt_path gone.ckpt does not exist"),
+    ("run id that climbs out of the experiment", ["--run_id=../../x"], "--run_id '../../x' is no plain name"),
+    ("run id that is an absolute path", ["--run_id=/tmp/elsewhere"], "--run_id '/tmp/elsewhere' is no plain name"),
     ("truncated resume checkpoint", ["--ckpt_path=truncated.ckpt"], "is not a readable PyTorch checkpoint"),
     (
         "transfer checkpoint not a checkpoint",
@@ -454,3 +456,22 @@ def test_a_command_leaves_no_filter_or_variable_behind_in_its_process(fake_root:
     with pytest.raises(SystemExit):
         main(["fit", "--config", "mnist", "--data.no_such_setting=1"])
     assert (list(warnings.filters), [list(g.filters) for g in loggers], dict(os.environ)) == before
+
+
+def test_a_users_own_file_named_latest_is_never_replaced(
+    fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (workdir / "runs/mnist").mkdir(parents=True)
+    (workdir / "runs/mnist/latest").write_text("my notes")
+    fit("mnist", fake_root)
+    assert (workdir / "runs/mnist/latest").read_text() == "my notes"
+    assert "runs/mnist/latest is not a link this package made; left as it is" in capsys.readouterr().out
+    assert len(list((workdir / "runs/mnist").glob("2*/checkpoints/best.ckpt"))) == 1  # the run itself finished
+
+
+def test_a_hostile_or_broken_config_is_refused_in_one_line(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    for name, message in write_hostile_configs(workdir):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", name])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -188,3 +188,21 @@ def test_real_cifar_stream(real_data: Path) -> None:
     assert len(loader) == 391
     x, _ = dm.on_after_batch_transfer(next(iter(loader)), 0)
     assert x.shape == (128, 3, 32, 32) and x.min() >= 0.0 and x.max() <= 1.0
+
+
+@pytest.mark.parametrize("module", ["CIFAR10DataModule", "MNISTDataModule", "SplitCIFAR10DataModule"])
+def test_any_prefix_of_an_evaluation_set_is_a_fair_sample_in_a_fixed_order(tmp_path: Path, module: str) -> None:
+    """limit_val_batches / limit_test_batches measure a mix of classes, and the same images in every run."""
+    import lightning_cnn.data as data
+
+    root = make_image_folder(tmp_path / "cifar10", per_class_train=10, per_class_test=4)
+    make_mnist_idx(tmp_path, n_train=64, n_test=40)
+    first_batches = []
+    for seed in (0, 1):
+        dm = getattr(data, module)(data_dir=str(tmp_path if module == "MNISTDataModule" else root), eval_batch_size=8,
+                                   seed=seed, data_on_device=False)  # fmt: skip
+        dm.setup("fit")
+        batches = [next(iter(dm.val_dataloader()))[1], next(iter(dm.test_dataloader()))[1]]
+        assert all(len(set(labels.tolist())) >= 3 for labels in batches), batches  # not one class
+        first_batches.append([b.tolist() for b in batches])
+    assert first_batches[0] == first_batches[1]  # a fixed order, whatever the training seed

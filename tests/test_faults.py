@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from fakedata import make_image_folder
+from fakedata import make_image_folder, make_mnist_idx
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -206,3 +206,33 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_resume_takes_the_last_good_che
     assert not list(run_folder.rglob("*.partial"))
     resumed = _fit(cifar_root, tmp_path, 2, "--ckpt_path=last")
     assert resumed.trainer.current_epoch == 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_runs_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """A team shares run folders: checkpoints, summary and history are as readable as any file the user makes."""
+    from lightning_cnn.files import write_atomically
+
+    old = os.umask(umask)
+    try:
+        write_atomically(tmp_path / "summary.json", "{}")
+        (tmp_path / "plain.txt").write_text("")  # what open() makes under this umask
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
+def test_a_run_that_diverges_in_its_first_epoch_says_nothing_was_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The message must not name a run folder as keeping checkpoints when the run kept none (and was removed)."""
+    (tmp_path / "nan.yaml").write_text("model:\n  optimizer:\n    class_path: torch.optim.SGD\n    init_args:\n"
+                                       "      lr: 1.0e+30\n")  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", str(CONFIGS / "mnist.yaml"), "--config", str(tmp_path / "nan.yaml"),
+             f"--data.data_dir={make_mnist_idx(tmp_path / 'data', n_train=64, n_test=32)}",
+             f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.logger=false", "--data.batch_size=16",
+             "--trainer.enable_progress_bar=false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and "no epoch had finished, so no checkpoint was kept" in err
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]  # and no run folder is left

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fakedata import QUICK, make_data_root
+from fakedata import QUICK, make_data_root, write_hostile_configs
 
 from lightning_cnn.experiments import CONFIG_DIR
 
@@ -51,8 +51,11 @@ def test_a_successful_fit_exits_0_and_leaves_its_run_folder(data: Path, cwd: Pat
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = _runs(cwd / "runs" / "mnist")
     assert (cwd / "runs/mnist/latest").resolve() == run
+    umask = os.umask(0o022)
+    os.umask(umask)
     for name in ("config.yaml", "summary.json", "history.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (run / name).is_file(), name
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # readable by the team as umask says
     (wandb_run,) = (run / "wandb").glob("offline-run-*")
     assert wandb_run.name.endswith(run.name)  # the W&B run id is the run id
     for noise in ("litlogger", "Seed set to", "LeafSpec", "deprecated", "not supported by the model summary"):
@@ -149,7 +152,8 @@ by_precision:  # whatever precision this machine picks, the recipe applies
 
 
 @pytest.mark.parametrize(
-    ("base", "batch_key"), [("mnist", "data.init_args.batch_size"), ("cifar10_fast", "data.batch_size")]
+    ("base", "batch_key"),
+    [("mnist", "data.init_args.batch_size"), pytest.param("cifar10_fast", "data.batch_size", marks=pytest.mark.slow)],
 )
 def test_a_later_config_wins_over_an_earlier_configs_precision_recipe(
     data: Path, cwd: Path, base: str, batch_key: str
@@ -176,13 +180,19 @@ def test_a_later_config_wins_over_an_earlier_configs_precision_recipe(
 
 def test_a_variant_without_an_experiment_key_runs_as_its_own_experiment(data: Path, cwd: Path) -> None:
     (cwd / "mnist_wide.yaml").write_text("extends: mnist\ndata:\n  init_args:\n    batch_size: 16\n")
-    first = cli(cwd, "fit", "--config", "mnist", f"--data.data_dir={data}", *QUICK)
-    assert first.returncode == 0, first.stderr[-2000:]
-    mnist_latest = (cwd / "runs/mnist/latest").resolve()
     (cwd / "short.yaml").write_text("trainer:\n  max_epochs: 1\n")  # an override composed after it
     done = cli(cwd, "fit", "--config", "mnist_wide.yaml", "--config", "short.yaml", f"--data.data_dir={data}", *QUICK)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (cwd / "runs/mnist/latest").resolve() == mnist_latest  # the base experiment's latest did not move
-    assert len(_runs(cwd / "runs/mnist")) == 1 and len(_runs(cwd / "runs/mnist_wide")) == 1
+    assert not (cwd / "runs/mnist").exists()  # nothing in the base experiment's folder, its latest untouched
+    assert len(_runs(cwd / "runs/mnist_wide")) == 1
     saved = yaml.safe_load((cwd / "runs/mnist_wide/latest/config.yaml").read_text())
     assert saved["experiment"] == "mnist_wide"
+
+
+@pytest.mark.slow  # the mechanism in-process: test_cli's test of the same files
+def test_a_hostile_or_broken_config_file_is_refused_in_one_line_in_bounded_time(cwd: Path) -> None:
+    """A config is untrusted input: bounded time and memory, one line, exit 2."""
+    for name, message in write_hostile_configs(cwd):
+        done = cli(cwd, "fit", "--config", name, timeout=60)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

@@ -102,7 +102,10 @@ class ResidentDataModule(L.LightningDataModule):
             return
         data = load_dataset(self.dataset, self.data_dir, self.download)
         self._classes = data.classes
-        self.train_split, self.val_split, self.test_split = self._splits(data.train, data.test)
+        train, val, test = self._splits(data.train, data.test)
+        # The files are sorted by class, and a prefix of an evaluation set (limit_val_batches, limit_test_batches,
+        # a smoke run) must be a fair sample, not one class: evaluation takes the classes in turn.
+        self.train_split, self.val_split, self.test_split = train, _interleaved(val), _interleaved(test)
 
     def _splits(self, train: Split, test: Split) -> tuple[Split, Split, Split]:
         """Train, validation and test: validation on the test split, or a random hold-out of ``val_fraction``."""
@@ -214,6 +217,24 @@ class CIFAR10DataModule(ResidentDataModule):
         self, data_dir: str | None = None, batch_size: int = 128, pad: int = 4, flip_p: float = 0.5, **kwargs: Any
     ) -> None:
         super().__init__(data_dir, batch_size, pad=pad, flip_p=flip_p, **kwargs)
+
+
+def _interleaved(split: Split) -> Split:
+    """The split with its classes taken in turn (the first image of each class, then the second, ...), each class
+    in its own order: every prefix holds the classes in proportion, and the order is the same in every run.
+
+    Example:
+        >>> split = Split(torch.arange(6), torch.tensor([0, 0, 0, 1, 1, 2]))
+        >>> _interleaved(split).images.tolist()
+        [0, 3, 5, 1, 4, 2]
+    """
+    labels = split.labels
+    by_class = torch.argsort(labels, stable=True)
+    first = torch.searchsorted(labels[by_class], labels[by_class])  # where each one's class starts
+    rank = torch.empty_like(labels)
+    rank[by_class] = torch.arange(len(labels)) - first  # position within its class
+    classes = int(labels.max()) + 1 if len(labels) else 1
+    return split.subset(torch.argsort(rank * classes + labels, stable=True))
 
 
 def _check(condition: bool, message: str) -> None:

@@ -12,6 +12,7 @@ writable cache folder, keyed by a fingerprint of the file names, sizes and modif
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -27,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from lightning_cnn.data.paths import DataError, cache_dir
+from lightning_cnn.files import WriteError, write_atomically
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"})
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -281,11 +283,5 @@ def read_image_folder(folder: Path, channels: int, size: int) -> Dataset | None:
 
 
 def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
-        os.replace(tmp, path)
-    except OSError:
-        pass  # no writable cache: the next run decodes again, which is slow but correct
+    with contextlib.suppress(WriteError):  # no writable cache: the next run decodes again, slow but correct
+        write_atomically(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # numpy's stub misreads **kwargs

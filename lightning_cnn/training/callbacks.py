@@ -179,12 +179,15 @@ class StopOnNonFiniteLoss(Callback):
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             directory = _checkpoint_dir(trainer)
+            kept = directory is not None and any(Path(directory).glob("*.ckpt"))
             raise TrainingDiverged(
                 f"The training loss became {float(loss.detach().float())} at epoch {trainer.current_epoch}, "
-                f"step {trainer.global_step} (batch {self._batch}). Training stopped; the checkpoints of the last "
-                f"good epoch are kept{f' in {directory}' if directory else ''}. Lower the learning rate or add "
-                "gradient clipping (trainer.gradient_clip_val), then resume or restart."
-            )
+                f"step {trainer.global_step} (batch {self._batch}). Training stopped; "
+                + (f"the checkpoints of the last good epoch are kept in {directory}. " if kept else
+                   "no epoch had finished, so no checkpoint was kept (nor the run's folder). ")
+                + "Lower the learning rate or add gradient clipping (trainer.gradient_clip_val), then "
+                + ("resume or restart." if kept else "restart.")
+            )  # fmt: skip
 
 
 class InterruptCheckpoint(Callback):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from lightning_cnn.errors import CheckpointError, ConfigError
 
 LATEST = "latest"
 CHECKPOINTS = "checkpoints"
+RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # a folder name in the experiment's folder, no path
 # --ckpt_path values Lightning resolves itself; anything else is a path
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
@@ -142,8 +144,14 @@ def best_checkpoint(run: Path) -> Path:
 
 
 def point_latest(run: Path) -> None:
-    """Make ``<experiment>/latest`` name ``run``, atomically: readers see the old run or the new one, never none."""
+    """Make ``<experiment>/latest`` name ``run``, atomically: readers see the old run or the new one, never none.
+
+    A ``latest`` that is no link (a file or folder of the user's) is left as it is, with a line saying so.
+    """
     link = run.parent / LATEST
+    if link.exists() and not link.is_symlink():
+        print(f"lightning-cnn: {link} is not a link this package made; left as it is (the run is {run}).")
+        return
     tmp = run.parent / f".{LATEST}-{secrets.token_hex(4)}"
     os.symlink(run.name, tmp)
     os.replace(tmp, link)
@@ -235,6 +243,10 @@ def decide_run(
     if rank != 0:  # a placeholder, replaced by rank 0's run at set-up; nothing is created here
         return Run(experiment, f".rank-{rank}-pending", experiment_dir / f".rank-{rank}-pending", ckpt_path)
     wanted = run_id or os.environ.get("WANDB_RUN_ID")
+    if wanted and not RUN_ID.fullmatch(wanted):
+        source = "--run_id" if run_id else "WANDB_RUN_ID"
+        raise ConfigError(f"{source} {wanted!r} is no plain name: use letters, digits, '.', '_' and '-', not first a "
+                          "'.' (no '/', no '..'); the run's folder goes under the experiment's folder.")  # fmt: skip
     created = create_run_folder(experiment_dir, wanted or slurm, exact=bool(wanted))
     return Run(experiment, created.name, created, ckpt_path, created=True, group=group)
 
