@@ -18,6 +18,7 @@ from lightning_cnn.errors import checkpoint_mismatch, one_line, user_error
 # Exit statuses, as the README documents them.
 EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # and by Ctrl-C
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 OTHER_COMMANDS = """other commands:
@@ -25,15 +26,15 @@ OTHER_COMMANDS = """other commands:
   experiments            list the shipped experiment configs (lightning-cnn fit --config NAME)
   study TARGET           a protocol or config over seeds, as mean ± std (lightning-cnn study --help)
 
-Exit status: 0 success, 2 bad input, 3 training diverged, 143 interrupted (SIGTERM; resume with
---ckpt_path last), 1 anything else."""
+Exit status: 0 success, 2 bad input, 3 training diverged, 143 interrupted by SIGTERM and 130 by Ctrl-C
+(resume with --ckpt_path last), 1 anything else."""
 
 
 def main(args: list[str] | None = None) -> int:
     """The ``lightning-cnn`` command: 0 on success; bad input ends in one line on stderr and exit status 2.
 
-    Other statuses: 3 when training diverged, 143 when a run was interrupted by SIGTERM (pre-emption), 1 for
-    anything unexpected (with its traceback). See :func:`run` for the in-process API.
+    Other statuses: 3 when training diverged, 143 when a run was interrupted by SIGTERM (pre-emption), 130 by
+    Ctrl-C, 1 for anything unexpected (with its traceback). See :func:`run` for the in-process API.
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -43,6 +44,13 @@ def main(args: list[str] | None = None) -> int:
         print("lightning-cnn: interrupted by SIGTERM; resume with the same command and --ckpt_path last",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(EXIT_PREEMPTED) from None
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Lightning turns Ctrl-C during training into sys.exit(1), inside its handler of the KeyboardInterrupt
+        if isinstance(stop, SystemExit) and not isinstance(stop.__context__, KeyboardInterrupt):
+            raise
+        print("lightning-cnn: interrupted (Ctrl-C); resume with the same command and --ckpt_path last",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(EXIT_INTERRUPTED) from None
     return EXIT_OK
 
 

@@ -48,7 +48,15 @@ from lightning_cnn.training.callbacks import (
     ValidateFinalEpoch,
 )
 from lightning_cnn.training.hardware import choose_precision, compile_pays, precision_recipes, unified_precision
-from lightning_cnn.training.runs import CKPT_KEYWORDS, Run, check_writable, decide_run, point_latest, process_rank
+from lightning_cnn.training.runs import (
+    CKPT_KEYWORDS,
+    UNTRAINED,
+    Run,
+    check_writable,
+    decide_run,
+    point_latest,
+    process_rank,
+)
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators accept
 
@@ -127,7 +135,7 @@ class CNNCLI(LightningCLI):
         check_settings(self.config[subcommand])
         # Before LightningCLI itself opens --ckpt_path (for its hyperparameters) with an opaque error.
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if ckpt_path and ckpt_path not in CKPT_KEYWORDS and not Path(ckpt_path).is_dir():
+        if ckpt_path and ckpt_path not in (*CKPT_KEYWORDS, UNTRAINED) and not Path(ckpt_path).is_dir():
             check_checkpoint(Path(ckpt_path))
 
     def before_instantiate_classes(self) -> None:

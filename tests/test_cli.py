@@ -475,3 +475,21 @@ def test_a_hostile_or_broken_config_is_refused_in_one_line(workdir: Path, capsys
             main(["fit", "--config", name])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["test", "validate", "predict"])
+def test_evaluating_needs_a_trained_model_unless_told_untrained(
+    command: str, fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """test or predict without --ckpt_path (or with last when there is none) evaluated an untrained network, exit 0."""
+    args = [command, "--config", "mnist", f"--data.data_dir={fake_root}", f"--data.predict_dir={fake_root}", *QUICK]
+    for ckpt in ([], ["--ckpt_path=last"], ["--ckpt_path=best"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, *ckpt])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "needs a trained model" in err or "no run under runs/mnist has such a checkpoint" in err
+    assert not (workdir / "runs/mnist").exists() or not any((workdir / "runs/mnist").iterdir())
+    if command != "predict":  # asked for explicitly: a baseline of the network as initialised
+        cli = run([*args, "--ckpt_path=untrained"])
+        assert cli is not None and f"{'val' if command == 'validate' else 'test'}/acc" in cli.trainer.callback_metrics

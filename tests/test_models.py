@@ -253,3 +253,28 @@ def test_flip_test_time_averages_an_image_and_its_mirror() -> None:
     # the prediction no longer depends on the image's orientation; without the option it does
     torch.testing.assert_close(flipped._eval_logits(x.flip(-1)), flipped._eval_logits(x))
     assert not torch.allclose(plain._eval_logits(x.flip(-1)), plain._eval_logits(x))
+
+
+def test_the_module_and_datamodule_work_in_every_order_lightning_allows(tmp_path: Path) -> None:
+    """A baseline validate or test before fit, fit twice, test after fit: all in one process, as users call them."""
+    import lightning as L
+    from fakedata import make_image_folder
+
+    from lightning_cnn.data import CIFAR10DataModule
+    from lightning_cnn.models import CIFARCNN
+
+    dm = CIFAR10DataModule(str(make_image_folder(tmp_path / "cifar10", per_class_train=2, per_class_test=1)),
+                           batch_size=10, data_on_device=False)  # fmt: skip
+    model = ImageClassifier(CIFARCNN(num_classes=10), num_classes=10)
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+
+    baseline = trainer().validate(model, dm)[0]["val/acc"]
+    trainer().test(model, dm)
+    fitting = trainer()
+    fitting.fit(model, dm)  # crashed: "Inplace update to inference tensor outside InferenceMode"
+    fitting.test(model, dm)
+    trainer().fit(model, dm)
+    assert 0.0 <= baseline <= 1.0 and "test/acc" in fitting.callback_metrics

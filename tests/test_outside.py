@@ -99,6 +99,23 @@ def test_sigterm_exits_143_and_the_run_resumes_in_its_own_folder(data: Path, cwd
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"] == interrupted["epoch"] + 1
 
 
+@pytest.mark.slow  # the SIGTERM test above runs by default; Ctrl-C goes through Lightning's own handler
+def test_ctrl_c_exits_130_and_leaves_a_checkpoint_that_resumes(data: Path, cwd: Path) -> None:
+    args = ["fit", "--config", "mnist", f"--data.data_dir={data}", "--data.batch_size=8", "--trainer.max_epochs=500",
+            "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--trainer.logger=false"]  # fmt: skip
+    assert EXE is not None
+    process = subprocess.Popen([EXE, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while not list(cwd.glob("runs/mnist/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err.decode()[-2000:]  # as shells report Ctrl-C; 1 is for crashes
+    assert "interrupted (Ctrl-C); resume with the same command and --ckpt_path last" in err.decode()
+    (run,) = _runs(cwd / "runs" / "mnist")
+    assert (run / "checkpoints/last-interrupted.ckpt").is_file()
+
+
 @pytest.mark.slow  # the mechanism (exclusive creation) is tested in-process in test_cli
 def test_two_runs_of_one_config_started_together_get_two_folders(data: Path, cwd: Path) -> None:
     assert EXE is not None

@@ -134,6 +134,13 @@ class ImageClassifier(L.LightningModule):
         if self.compile_network:  # None (undecided) means off
             self.network.compile()  # in place: the state dict keeps its plain keys
 
+    def on_fit_start(self) -> None:
+        # A validate or test before this fit (a baseline) ran under inference mode, where the metrics' reset made
+        # their states inference tensors, which the fit's validation may not update in place: new ones, here.
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # also in the hyperparameters; here at the top, where a phase-2 run reads its phase-1 head's size
         checkpoint["class_names"] = list(self.class_names)

@@ -31,6 +31,7 @@ CHECKPOINTS = "checkpoints"
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # a folder name in the experiment's folder, no path
 # --ckpt_path values Lightning resolves itself; anything else is a path
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+UNTRAINED = "untrained"  # validate/test/predict --ckpt_path untrained: the network as initialised, on purpose
 
 
 def process_rank() -> int:
@@ -213,6 +214,10 @@ def decide_run(
     """
     rank = process_rank()
     folder: Path | None = None
+    if subcommand != "fit":
+        ckpt_path = _evaluated_checkpoint(subcommand, experiment_dir, ckpt_path)
+    elif ckpt_path == UNTRAINED:  # what fit starts from anyway
+        ckpt_path = None
     if ckpt_path is not None and ckpt_path not in CKPT_KEYWORDS and Path(ckpt_path).is_dir():
         given = Path(ckpt_path).resolve()
         if subcommand == "fit":
@@ -249,6 +254,32 @@ def decide_run(
                           "'.' (no '/', no '..'); the run's folder goes under the experiment's folder.")  # fmt: skip
     created = create_run_folder(experiment_dir, wanted or slurm, exact=bool(wanted))
     return Run(experiment, created.name, created, ckpt_path, created=True, group=group)
+
+
+def _evaluated_checkpoint(subcommand: str, experiment_dir: Path, ckpt_path: str | None) -> str | None:
+    """What ``validate``, ``test`` or ``predict`` load: a trained model, unless told ``--ckpt_path untrained``.
+
+    ``last``: the experiment's newest loadable ``last*.ckpt``; ``best``: its latest finished run's best one.
+
+    Raises:
+        CheckpointError: no checkpoint was named (an untrained network would be evaluated without a word), or
+            ``last``/``best`` find none.
+    """
+    if ckpt_path == UNTRAINED:
+        return None
+    if ckpt_path is None:
+        raise CheckpointError(f"{subcommand} needs a trained model: pass --ckpt_path with a run folder "
+                              f"({experiment_dir / LATEST}), a .ckpt file or last; --ckpt_path {UNTRAINED} "
+                              "evaluates the network as initialised.")  # fmt: skip
+    if ckpt_path not in ("last", "best"):
+        return ckpt_path
+    found = newest_resumable(*run_folders(experiment_dir)) if ckpt_path == "last" else None
+    if ckpt_path == "best" and (experiment_dir / LATEST).is_dir():
+        found = best_checkpoint(experiment_dir / LATEST)
+    if found is None:
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: no run under {experiment_dir} has such a checkpoint. "
+                              "Train one first (lightning-cnn fit), or pass a run folder or a .ckpt file.")  # fmt: skip
+    return str(found)
 
 
 def check_writable(folder: Path) -> None:
