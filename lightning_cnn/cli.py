@@ -40,17 +40,16 @@ def main(args: list[str] | None = None) -> int:
 
     try:
         run(args)
-    except SIGTERMException:
-        print("lightning-cnn: interrupted by SIGTERM; resume with the same command and --ckpt_path last",
-              file=sys.stderr)  # fmt: skip
-        raise SystemExit(EXIT_PREEMPTED) from None
-    except (KeyboardInterrupt, SystemExit) as stop:
+    except (SIGTERMException, KeyboardInterrupt, SystemExit) as stop:
         # Lightning turns Ctrl-C during training into sys.exit(1), inside its handler of the KeyboardInterrupt
-        if isinstance(stop, SystemExit) and not isinstance(stop.__context__, KeyboardInterrupt):
+        ctrl_c = isinstance(stop, KeyboardInterrupt) or isinstance(stop.__context__, KeyboardInterrupt)
+        if not ctrl_c and not isinstance(stop, SIGTERMException):
             raise
-        print("lightning-cnn: interrupted (Ctrl-C); resume with the same command and --ckpt_path last",
+        study = (sys.argv[1:] if args is None else args)[:1] == ["study"]
+        again = "the same command (it continues the study)" if study else "the same command and --ckpt_path last"
+        print(f"lightning-cnn: interrupted ({'Ctrl-C' if ctrl_c else 'SIGTERM'}); resume with {again}",
               file=sys.stderr)  # fmt: skip
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        raise SystemExit(EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED) from None
     return EXIT_OK
 
 

@@ -16,9 +16,11 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import warnings
 from argparse import RawDescriptionHelpFormatter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn.checkpoints import AtomicCheckpointIO, check_checkpoint
 from lightning_cnn.data import ResidentDataModule
@@ -184,12 +187,15 @@ class CNNCLI(LightningCLI):
         if trainer.is_global_zero:  # refuse, before any work, an output folder that cannot be written
             for folder in {self.run.folder, *(Path(c.dirpath) for c in checkpoints if c.dirpath)}:
                 check_writable(folder)
-        trainer.fit(model, datamodule, ckpt_path=self.run.ckpt_path, **kw)
-        if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Trainer.__init__, untyped; a smoke run keeps no checkpoint
-            return
-        if self.config[self.subcommand].get("test_after_fit"):
-            best = next((c.best_model_path for c in checkpoints if c.monitor), "")
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        with _sigterm_between_phases(trainer) as stop_if_signalled:
+            trainer.fit(model, datamodule, ckpt_path=self.run.ckpt_path, **kw)
+            stop_if_signalled()
+            if trainer.fast_dev_run:  # type: ignore[attr-defined]  # untyped; a smoke run keeps no checkpoint
+                return
+            if self.config[self.subcommand].get("test_after_fit"):
+                best = next((c.best_model_path for c in checkpoints if c.monitor), "")
+                trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+                stop_if_signalled()
         if trainer.is_global_zero and self.run.checkpoint_dir.is_dir():
             point_latest(self.run.folder)
             print(f"Run folder: {self.run.folder} (now {self.run.folder.parent.name}/latest)")
@@ -202,6 +208,33 @@ class CNNCLI(LightningCLI):
 
     def predict(self, model: L.LightningModule, datamodule: Any = None, **kw: Any) -> Any:
         return self.trainer.predict(model, datamodule, **{**kw, "ckpt_path": self.run.ckpt_path})  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def _sigterm_between_phases(trainer: L.Trainer) -> Iterator[Callable[[], None]]:
+    """A SIGTERM at the end of a phase or between two stops the command (exit 143) as one inside a phase does.
+
+    Lightning acts on SIGTERM only while a trainer method runs, at a batch boundary that is not the last: one that
+    came after the last training batch, between fit and test, or in the test's last batch was logged and ignored
+    (the run tested, moved ``latest`` and exited 0; a study went on to its next run). Lightning calls this
+    handler too while it runs its own, so nothing is missed. Under DDP the ranks decide together.
+    """
+    received: list[int] = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.append(1)) if main_thread else None
+
+    def stop_if_signalled() -> None:
+        stop = bool(received) or trainer.received_sigterm
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise SIGTERMException()
+
+    try:
+        yield stop_if_signalled
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def machine_settings(config: Any) -> list[str]:

@@ -115,3 +115,18 @@ def write_hostile_configs(folder: Path) -> list[tuple[str, str]]:
     (folder / "bomb.yaml").write_text("\n".join(levels) + "\n")
     (folder / "latin1.yaml").write_bytes("trainer:\n  max_epochs: 2  # für\n".encode("latin-1"))
     return [("bomb.yaml", "expands to more than 100,000 values"), ("latin1.yaml", "is not UTF-8")]
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM in the Lightning hook named ``hook`` (``on_train_end``, ``on_test_start``, ...),
+    as a scheduler pre-empting a run between two of its phases would; not while ``$SEND_SIGTERM`` is ``0`` (so
+    that the same command can be run again without it)."""
+
+    def __init__(self, hook: str = "on_train_end") -> None:
+        self.hook = hook
+
+    def __getattribute__(self, name: str) -> object:
+        armed = os.environ.get("SEND_SIGTERM", "1") != "0"
+        if armed and name.startswith("on_") and name == object.__getattribute__(self, "hook"):
+            return lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM)
+        return object.__getattribute__(self, name)

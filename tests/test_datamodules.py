@@ -206,3 +206,42 @@ def test_any_prefix_of_an_evaluation_set_is_a_fair_sample_in_a_fixed_order(tmp_p
         assert all(len(set(labels.tolist())) >= 3 for labels in batches), batches  # not one class
         first_batches.append([b.tolist() for b in batches])
     assert first_batches[0] == first_batches[1]  # a fixed order, whatever the training seed
+
+
+@pytest.mark.parametrize("planted", ["other user's folder", "folder anyone can write", "link"])
+def test_the_cache_fallback_never_reads_a_folder_another_user_could_have_planted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    """With the cache unwritable, the fallback lies in the shared temp folder: it must be this user's own."""
+    import os
+
+    from lightning_cnn.data import paths
+
+    monkeypatch.setenv("LIGHTNING_CNN_CACHE", "/proc/version/cache")  # under a file: never writable
+    monkeypatch.setattr(paths.tempfile, "tempdir", str(tmp_path))  # the shared temp folder, here
+    predictable = tmp_path / f"lightning_cnn-cache-{os.getuid()}"
+    if planted == "link":
+        (tmp_path / "theirs").mkdir()
+        predictable.symlink_to(tmp_path / "theirs")
+    else:
+        predictable.mkdir()
+        (predictable / "cifar10-decoded.npz").write_bytes(b"planted")
+        if planted == "other user's folder":
+            os.chown(predictable, 65534, 65534)  # as root in CI and here; nobody's folder
+        else:
+            predictable.chmod(0o777)
+    chosen = paths.cache_dir()
+    assert chosen != predictable and chosen.resolve() != (tmp_path / "theirs").resolve()
+    assert chosen.stat().st_uid == os.getuid() and not chosen.stat().st_mode & 0o077 and not any(chosen.iterdir())
+
+
+def test_the_cache_fallback_is_created_private_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from lightning_cnn.data import paths
+
+    monkeypatch.setenv("LIGHTNING_CNN_CACHE", "/proc/version/cache")
+    monkeypatch.setattr(paths.tempfile, "tempdir", str(tmp_path))
+    first, second = paths.cache_dir(), paths.cache_dir()
+    assert first == second == tmp_path / f"lightning_cnn-cache-{os.getuid()}"
+    assert first.stat().st_mode & 0o777 == 0o700

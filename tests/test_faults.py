@@ -236,3 +236,20 @@ def test_a_run_that_diverges_in_its_first_epoch_says_nothing_was_kept(
     err = capsys.readouterr().err
     assert exit_info.value.code == 3 and "no epoch had finished, so no checkpoint was kept" in err
     assert not [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]  # and no run folder is left
+
+
+@pytest.mark.parametrize("hook", ["on_train_end", "on_test_start", "on_test_end"])
+def test_a_sigterm_between_or_at_the_end_of_phases_stops_the_run_unfinished(
+    cifar_root: Path, tmp_path: Path, hook: str
+) -> None:
+    """After the last training batch, before the test, in the test's last batch: Lightning logged it and went on."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    with pytest.raises(SIGTERMException):
+        _fit(cifar_root, tmp_path, 1, "--test_after_fit=true", "--trainer.callbacks+=fakedata.SigtermAt",
+             f"--trainer.callbacks.hook={hook}")  # fmt: skip
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert not (tmp_path / "latest").exists()  # not a finished run: a resume tests it
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    resumed = _fit(cifar_root, tmp_path, 1, "--test_after_fit=true", "--ckpt_path=last")
+    assert "test/acc" in resumed.trainer.callback_metrics and (tmp_path / "latest").resolve() == folder

@@ -177,3 +177,23 @@ def test_link_declares_each_phase2_run_a_user_of_its_phase1_artifact(tmp_path: P
         (f"me/lightning-cnn/{study.name}-s0-{method}", f"me/lightning-cnn/model-{phase1}:best")
         for method in ("finetune", "transfer")
     ]
+
+
+def test_a_sigterm_stops_a_study_and_the_same_command_continues_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A study went on training all its remaining seeds after a SIGTERM between a run's phases, and exited 0."""
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / "cifar10", per_class_train=4, per_class_test=1)
+    command = ["study", "cifar10_fast", "--seeds", "2", f"--data.data_dir={root}", *QUICK, "--data.batch_size=10",
+               "--data.eval_batch_size=10", "--trainer.logger=false", "--trainer.callbacks+=fakedata.SigtermAt",
+               "--trainer.callbacks.hook=on_train_end"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 143
+    assert "resume with the same command (it continues the study)" in capsys.readouterr().err
+    assert len(list((tmp_path / "studies/cifar10_fast").glob("2*/runs/cifar10_fast/2*"))) == 1  # seed 1 never ran
+    monkeypatch.setenv("SEND_SIGTERM", "0")
+    main(command)  # the same command, no signal this time: continues and finishes
+    (study,) = (tmp_path / "studies/cifar10_fast").glob("2*")
+    assert json.loads((study / "study.json").read_text())["seeds"] == [0, 1]

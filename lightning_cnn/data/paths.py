@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -38,12 +39,34 @@ def cache_dir() -> Path:
         chosen = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_cnn"
     if is_writable(chosen):
         return chosen
-    fallback = Path(tempfile.gettempdir()) / f"lightning_cnn-cache-{os.getuid()}"
+    fallback = _private_folder(Path(tempfile.gettempdir()) / f"lightning_cnn-cache-{os.getuid()}")
     if chosen not in _TOLD:
         _TOLD.add(chosen)
         print(f"lightning-cnn: the cache folder {chosen} cannot be written; caching in {fallback} instead "
               f"(set {CACHE_ENV} to choose).")  # fmt: skip
     return fallback
+
+
+def _private_folder(wanted: Path) -> Path:
+    """``wanted`` if it is (or can be made) this user's own folder that no one else can write, else a new one.
+
+    The shared temp folder is everyone's: another user could create ``wanted`` first and plant a decoded data
+    set there, which a run would then train and test on. So the folder must be a real folder (no link), owned
+    by this user, writable by no one else; otherwise a fresh private folder is used (decoded again once).
+    """
+    try:
+        wanted.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="lightning_cnn-cache-"))
+    info = wanted.lstat()
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+        return wanted
+    fresh = Path(tempfile.mkdtemp(prefix="lightning_cnn-cache-"))
+    print(f"lightning-cnn: {wanted} is not a private folder of this user (another user may write there); "
+          f"caching in {fresh} instead.")  # fmt: skip
+    return fresh
 
 
 _TOLD: set[Path] = set()
