@@ -3,6 +3,7 @@ atomically where they land."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -66,4 +67,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote storage: fsspec's way
-        write_atomically(Path(str(path).removeprefix("file://")), lambda f: torch.save(checkpoint, f))
+        # Serialized in memory first (the checkpoints here are a few MB): torch's writer fails on a full disk with
+        # a RuntimeError that escaped the atomic write (naming no file, leaving its .partial); a plain write's
+        # OSError is reported by write_atomically, which removes the partial file.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomically(Path(str(path).removeprefix("file://")), buffer.getvalue())

@@ -166,11 +166,10 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_partial
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
     before = path.read_bytes()
 
-    def disk_full(obj: object, f: Any) -> None:
-        f.write(b"PK\x03\x04 half a checkpoint")
+    def disk_full(fd: int) -> None:  # the data did not all reach the disk (a real full disk: the next test)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr("lightning_cnn.files.os.fsync", disk_full)
     with pytest.raises(WriteError, match=r"Could not write .*last\.ckpt: the disk is full\. The previous"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
@@ -183,17 +182,19 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_resume_takes_the_last_good_che
 ) -> None:
     import errno
 
-    import lightning_cnn.checkpoints as checkpoints
+    import lightning_cnn.files as files
 
-    saves, real_save = [], torch.save
+    saves, real_fsync = [], files.os.fsync
 
-    def fills_up(obj: object, f: Any) -> None:
-        saves.append(1)
-        if len(saves) > 2:  # epoch 0's best and last went through; the disk is full from epoch 1 on
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f)
+    def fills_up(fd: int) -> None:
+        name = Path(f"/proc/self/fd/{fd}").resolve().name  # the file being written: checkpoints only
+        if name.endswith(".partial") and ".ckpt." in name:
+            saves.append(1)
+            if len(saves) > 2:  # epoch 0's best and last went through; the disk is full from epoch 1 on
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
 
-    monkeypatch.setattr(checkpoints.torch, "save", fills_up)
+    monkeypatch.setattr(files.os, "fsync", fills_up)
     with pytest.raises(SystemExit) as exit_info:
         _fit(cifar_root, tmp_path, 3)
     assert exit_info.value.code == 2
@@ -253,3 +254,26 @@ def test_a_sigterm_between_or_at_the_end_of_phases_stops_the_run_unfinished(
     assert (folder / "checkpoints" / "last.ckpt").is_file()
     resumed = _fit(cifar_root, tmp_path, 1, "--test_after_fit=true", "--ckpt_path=last")
     assert "test/acc" in resumed.trainer.callback_metrics and (tmp_path / "latest").resolve() == folder
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint_and_names_the_file(tmp_path: Path) -> None:
+    """On a real full filesystem (a 1 MiB tmpfs), not a stand-in for torch.save: one error, no partial file."""
+    import subprocess
+
+    from lightning_cnn.checkpoints import AtomicCheckpointIO
+    from lightning_cnn.files import WriteError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        io, path = AtomicCheckpointIO(), disk / "checkpoints" / "best.ckpt"
+        io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "epoch": 1}, path)
+        with pytest.raises(WriteError, match=r"Could not write .*best\.ckpt: the disk is full\."):
+            io.save_checkpoint({"state_dict": {"w": torch.ones(500_000)}, "epoch": 2}, path)  # 2 MB
+        assert torch.load(path, weights_only=True)["epoch"] == 1
+        assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]  # no .partial keeps the disk full
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
