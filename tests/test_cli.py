@@ -493,3 +493,16 @@ def test_evaluating_needs_a_trained_model_unless_told_untrained(
     if command != "predict":  # asked for explicitly: a baseline of the network as initialised
         cli = run([*args, "--ckpt_path=untrained"])
         assert cli is not None and f"{'val' if command == 'validate' else 'test'}/acc" in cli.trainer.callback_metrics
+
+
+def test_compare_of_a_run_that_did_not_finish_says_so(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A crashed or interrupted run has checkpoints and a W&B run but no summary: compare said it had no W&B run."""
+    run = workdir / "runs/mnist/20261130-101010-abcdef"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints/last-interrupted.ckpt").write_bytes(b"")
+    (run / "wandb/offline-run-20261130_101010-20261130-101010-abcdef").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(run)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is a run that did not finish" in err and "no W&B run" not in err
+    assert f"--ckpt_path {run}" in err and len(err.strip().splitlines()) == 1

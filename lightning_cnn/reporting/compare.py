@@ -16,7 +16,7 @@ from typing import Any
 from lightning_cnn.errors import UserError
 from lightning_cnn.files import write_atomically
 from lightning_cnn.reporting.record import SUMMARY, RunRecord, markdown_table
-from lightning_cnn.training.runs import LATEST
+from lightning_cnn.training.runs import CHECKPOINTS, LATEST
 
 COLUMNS = [
     ("test acc", lambda s: _pct(s.get("test", {}).get("test/acc"))),
@@ -58,6 +58,11 @@ def load_run(folder: Path) -> RunRecord:
             f"The W&B run in {run_dir} holds no figures that compare can read: it lies in no run folder with a "
             f"{SUMMARY}. Compare the run folder it was recorded for, or sync the run and compare "
             "entity/project/run_id."
+        )
+    if not (folder / SUMMARY).is_file() and any((folder / part).is_dir() for part in (CHECKPOINTS, "wandb")):
+        raise UserError(
+            f"{folder} is a run that did not finish: it has no {SUMMARY} yet (its W&B run and checkpoints hold "
+            f"no test figures). Resume it with lightning-cnn fit ... --ckpt_path {folder}, or compare finished runs."
         )
     if not (folder / SUMMARY).is_file():
         raise UserError(
