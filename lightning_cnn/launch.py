@@ -80,6 +80,9 @@ class CNNCLI(LightningCLI):
             if self.run is not None:
                 self.run.discard_if_unstarted()
             raise
+        finally:
+            if self.run is not None:
+                self.run.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name, kind, text in (

@@ -506,3 +506,21 @@ def test_compare_of_a_run_that_did_not_finish_says_so(workdir: Path, capsys: pyt
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "is a run that did not finish" in err and "no W&B run" not in err
     assert f"--ckpt_path {run}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_another_process_is_training_is_not_resumed_twice(
+    fake_root: Path, workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two `fit --ckpt_path last` of one run at once both trained into the same folder and W&B run."""
+    import fcntl
+
+    fit("mnist", fake_root)
+    (run_folder,) = (workdir / "runs/mnist").glob("2*")
+    with open(run_folder / ".lock") as other:  # what the other process holds while it trains
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit) as exit_info:
+            fit("mnist", fake_root, "--ckpt_path=last", "--trainer.max_epochs=2")
+        assert exit_info.value.code == 2
+        assert f"{run_folder.relative_to(workdir)} is being trained by another process" in capsys.readouterr().err
+    fit("mnist", fake_root, "--ckpt_path=last", "--trainer.max_epochs=2")  # once it is done, the resume goes on
+    assert torch.load(run_folder / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 1

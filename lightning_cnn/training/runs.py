@@ -13,6 +13,7 @@ the run's W&B id, so a resumed run continues its W&B run.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -20,7 +21,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_cnn.checkpoints import read_checkpoint
@@ -182,10 +183,32 @@ class Run:
     resumed: bool = False
     created: bool = False
     group: str | None = None
+    lock: int | None = field(default=None, repr=False)  # the open lock file while this process trains the run
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.folder / CHECKPOINTS
+
+    def hold(self) -> None:
+        """Take the run folder's lock, so that no other process trains it at the same time (a second ``--ckpt_path
+        last`` of the same run would write into the same folder and W&B run); the lock goes with the process.
+
+        Raises:
+            ConfigError: another process holds it.
+        """
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"The run {self.folder} is being trained by another process right now; wait for it to "
+                              "end, or start a new run (without --ckpt_path).") from None  # fmt: skip
+        self.lock = fd
+
+    def release(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)  # closing the file gives the lock up
+            self.lock = None
 
     def discard_if_unstarted(self) -> None:
         """Remove the run folder this process created if it holds no checkpoint: a run that failed before training
@@ -238,13 +261,18 @@ def decide_run(
     elif subcommand == "fit" and ckpt_path is not None and Path(ckpt_path).is_file():
         folder = run_folder_of(Path(ckpt_path).resolve())
     if folder is not None:
+        resumed = Run(experiment, folder.name, folder, ckpt_path, resumed=True, group=group)
         if rank == 0:
+            resumed.hold()
             print(f"lightning-cnn: resuming run {folder} from {ckpt_path}")
-        return Run(experiment, folder.name, folder, ckpt_path, resumed=True, group=group)
+        return resumed
     slurm = slurm_run_id(experiment_dir)
     if slurm and subcommand == "fit" and list((experiment_dir / slurm).glob("hpc_ckpt_*.ckpt")):
         # a requeued SLURM job: Lightning resumes from the hpc checkpoint SlurmRequeue saved there
-        return Run(experiment, slurm, experiment_dir / slurm, ckpt_path, resumed=True, group=group)
+        requeued = Run(experiment, slurm, experiment_dir / slurm, ckpt_path, resumed=True, group=group)
+        if rank == 0:
+            requeued.hold()
+        return requeued
     if rank != 0:  # a placeholder, replaced by rank 0's run at set-up; nothing is created here
         return Run(experiment, f".rank-{rank}-pending", experiment_dir / f".rank-{rank}-pending", ckpt_path)
     wanted = run_id or os.environ.get("WANDB_RUN_ID")
@@ -253,7 +281,9 @@ def decide_run(
         raise ConfigError(f"{source} {wanted!r} is no plain name: use letters, digits, '.', '_' and '-', not first a "
                           "'.' (no '/', no '..'); the run's folder goes under the experiment's folder.")  # fmt: skip
     created = create_run_folder(experiment_dir, wanted or slurm, exact=bool(wanted))
-    return Run(experiment, created.name, created, ckpt_path, created=True, group=group)
+    run = Run(experiment, created.name, created, ckpt_path, created=True, group=group)
+    run.hold()
+    return run
 
 
 def _evaluated_checkpoint(subcommand: str, experiment_dir: Path, ckpt_path: str | None) -> str | None:
