@@ -13,7 +13,7 @@ from typing import Any
 from jsonargparse import ArgumentError
 
 from lightning_cnn import __version__
-from lightning_cnn.errors import checkpoint_mismatch, one_line, user_error
+from lightning_cnn.errors import TrainingDiverged, checkpoint_mismatch, one_line, user_error
 
 # Exit statuses, as the README documents them.
 EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
@@ -21,6 +21,17 @@ EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a shell reports for a process ende
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # and by Ctrl-C
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
+USAGE = f"""usage: lightning-cnn [--help] [--version] COMMAND ...
+
+PyTorch Lightning collection for training and comparing small image classifiers (version {__version__}).
+
+Lightning's commands (lightning-cnn COMMAND --help lists their options):
+  fit                    train a config's model, then test its best checkpoint (fit --config mnist)
+  validate               validate a trained model (--ckpt_path runs/<experiment>/latest)
+  test                   test a trained model
+  predict                predict the classes of a folder of images (--data.predict_dir)
+
+"""
 OTHER_COMMANDS = """other commands:
   compare RUN [RUN ...]  table and validation curves of runs (lightning-cnn compare --help)
   experiments            list the shipped experiment configs (lightning-cnn fit --config NAME)
@@ -28,6 +39,7 @@ OTHER_COMMANDS = """other commands:
 
 Exit status: 0 success, 2 bad input, 3 training diverged, 143 interrupted by SIGTERM and 130 by Ctrl-C
 (resume with --ckpt_path last), 1 anything else."""
+USAGE += OTHER_COMMANDS
 
 
 def main(args: list[str] | None = None) -> int:
@@ -36,14 +48,15 @@ def main(args: list[str] | None = None) -> int:
     Other statuses: 3 when training diverged, 143 when a run was interrupted by SIGTERM (pre-emption), 130 by
     Ctrl-C, 1 for anything unexpected (with its traceback). See :func:`run` for the in-process API.
     """
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     try:
         run(args)
-    except (SIGTERMException, KeyboardInterrupt, SystemExit) as stop:
-        # Lightning turns Ctrl-C during training into sys.exit(1), inside its handler of the KeyboardInterrupt
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Lightning turns Ctrl-C during training into sys.exit(1), inside its handler of the KeyboardInterrupt;
+        # SIGTERM into its SIGTERMException (a SystemExit), which only a command that imported Lightning raises
         ctrl_c = isinstance(stop, KeyboardInterrupt) or isinstance(stop.__context__, KeyboardInterrupt)
-        if not ctrl_c and not isinstance(stop, SIGTERMException):
+        exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+        sigterm = exceptions is not None and isinstance(stop, exceptions.SIGTERMException)
+        if not ctrl_c and not sigterm:
             raise
         study = (sys.argv[1:] if args is None else args)[:1] == ["study"]
         again = "the same command (it continues the study)" if study else "the same command and --ckpt_path last"
@@ -77,6 +90,9 @@ def run(args: list[str] | None = None) -> Any:
             return print_experiments()
         if argv[:1] == ["--version"]:
             return print(f"lightning-cnn {__version__}")
+        if argv in ([], ["--help"], ["-h"]):
+            print(USAGE)  # without Lightning: the help of each command is its parser's
+            raise SystemExit(EXIT_OK)
         from lightning_cnn.launch import cli
 
         return cli(argv, epilog=OTHER_COMMANDS)
@@ -84,8 +100,6 @@ def run(args: list[str] | None = None) -> Any:
         cause = user_error(err) or checkpoint_mismatch(err, argv)
         if cause is None:
             raise
-        from lightning_cnn.training.callbacks import TrainingDiverged
-
         command = next((a for a in argv if a in TRAINER_COMMANDS), None)
         hint = f" See lightning-cnn {command} --help" if isinstance(cause, ArgumentError) and command else ""
         print(f"lightning-cnn: error: {one_line(cause)}{hint}", file=sys.stderr)

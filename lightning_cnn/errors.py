@@ -21,6 +21,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model."""
 
 
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite (exit status 3)."""
+
+
 # Lines of jsonargparse's nested messages that say nothing the user can act on.
 PARSER_NOISE = (
     "Subtypes:",

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -213,3 +214,17 @@ def test_a_hostile_or_broken_config_file_is_refused_in_one_line_in_bounded_time(
         done = cli(cwd, "fit", "--config", name, timeout=60)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["--help"], ["--version"], ["experiments"], ["compare", "runs/mnist"]])
+def test_commands_that_train_nothing_do_not_load_torch_or_lightning(cwd: Path, command: list[str]) -> None:
+    """--help, --version, experiments and compare answer at once: importing Lightning takes seconds (6-12 s here)."""
+    (cwd / "runs/mnist/r1").mkdir(parents=True)
+    (cwd / "runs/mnist/r1/summary.json").write_text('{"run": "r1", "test": {"test/acc": 0.9}}')
+    (cwd / "runs/mnist/latest").symlink_to("r1")
+    heavy = "sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules)"
+    probe = "\n".join(["import sys", "from lightning_cnn.cli import main", "try:", f"    main({command!r})",
+                        "except SystemExit:", "    pass", f"print('LOADED', {heavy})"])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "LOADED []", done.stdout[-2000:]

@@ -1,11 +1,24 @@
 """Reporting: what a run leaves for people (summary, history, pictures), W&B logging and lineage, the
 split CIFAR-10 evaluation callbacks, and the comparison of runs.
 
-The names configs use are exported here (``lightning_cnn.reporting.WandbLogger``, ...).
+The names configs use are exported here (``lightning_cnn.reporting.WandbLogger``, ...), imported when first
+used: ``lightning-cnn compare`` needs none of them, nor Lightning, and answers at once.
 """
 
-from lightning_cnn.reporting.report import RunReport
-from lightning_cnn.reporting.retention import ClassIncrementalAccuracy, PhaseOneRetention
-from lightning_cnn.reporting.wandb_logger import UseCheckpointArtifact, WandbLogger
+from importlib import import_module
+from typing import Any
 
-__all__ = ["ClassIncrementalAccuracy", "PhaseOneRetention", "RunReport", "UseCheckpointArtifact", "WandbLogger"]
+EXPORTS = {
+    "ClassIncrementalAccuracy": "retention",
+    "PhaseOneRetention": "retention",
+    "RunReport": "report",
+    "UseCheckpointArtifact": "wandb_logger",
+    "WandbLogger": "wandb_logger",
+}
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{EXPORTS[name]}"), name)

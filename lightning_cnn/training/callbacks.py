@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_cnn.errors import UserError
+from lightning_cnn.errors import TrainingDiverged, UserError
 from lightning_cnn.files import write_atomically
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.training.runs import Run, slurm_job_id
@@ -150,10 +150,6 @@ class ValidateFinalEpoch(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._every is not None:
             trainer.check_val_every_n_epoch, self._every = self._every, None
-
-
-class TrainingDiverged(UserError):
-    """The training loss became NaN or infinite."""
 
 
 class StopOnNonFiniteLoss(Callback):

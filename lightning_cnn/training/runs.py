@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_cnn.checkpoints import read_checkpoint
 from lightning_cnn.errors import CheckpointError, ConfigError
 
 LATEST = "latest"
@@ -121,6 +120,8 @@ def run_folder_of(checkpoint: Path) -> Path | None:
 
 def newest_resumable(*runs: Path) -> Path | None:
     """The newest ``last*.ckpt`` of the runs that loads; a damaged one is passed over with a line saying so."""
+    from lightning_cnn.checkpoints import read_checkpoint  # torch: only where a checkpoint is read
+
     candidates = [p for run in runs for p in (run / CHECKPOINTS).glob("last*.ckpt")]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
