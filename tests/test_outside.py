@@ -78,17 +78,23 @@ def test_bad_input_exits_2_with_one_line(data: Path, cwd: Path) -> None:
     assert not (cwd / "runs").exists() or not any((cwd / "runs").rglob("*"))  # no half-started run left behind
 
 
-def test_sigterm_exits_143_and_the_run_resumes_in_its_own_folder(data: Path, cwd: Path) -> None:
+def _interrupted_training(data: Path, cwd: Path, signum: int) -> tuple[list[str], int, str]:
+    """A long fit, sent ``signum`` once an epoch is done (the run has trained): its arguments, status, stderr."""
     args = ["fit", "--config", "mnist", f"--data.data_dir={data}", "--data.batch_size=8", "--trainer.max_epochs=500",
             "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--trainer.logger=false"]  # fmt: skip
     assert EXE is not None
     process = subprocess.Popen([EXE, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     while not list(cwd.glob("runs/mnist/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
-        time.sleep(0.2)  # until an epoch is done: the run has trained
-    process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err.decode()[-2000:]
+    return args, process.returncode, err.decode()
+
+
+def test_sigterm_exits_143_and_the_run_resumes_in_its_own_folder(data: Path, cwd: Path) -> None:
+    args, status, err = _interrupted_training(data, cwd, signal.SIGTERM)
+    assert status == 143, err[-2000:]
     (run,) = _runs(cwd / "runs" / "mnist")
     interrupted = torch.load(run / "checkpoints/last-interrupted.ckpt", weights_only=True)
     assert not (cwd / "runs/mnist/latest").exists()  # not a finished run
@@ -102,17 +108,9 @@ def test_sigterm_exits_143_and_the_run_resumes_in_its_own_folder(data: Path, cwd
 
 @pytest.mark.slow  # the SIGTERM test above runs by default; Ctrl-C goes through Lightning's own handler
 def test_ctrl_c_exits_130_and_leaves_a_checkpoint_that_resumes(data: Path, cwd: Path) -> None:
-    args = ["fit", "--config", "mnist", f"--data.data_dir={data}", "--data.batch_size=8", "--trainer.max_epochs=500",
-            "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--trainer.logger=false"]  # fmt: skip
-    assert EXE is not None
-    process = subprocess.Popen([EXE, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    while not list(cwd.glob("runs/mnist/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err.decode()[-2000:]  # as shells report Ctrl-C; 1 is for crashes
-    assert "interrupted (Ctrl-C); resume with the same command and --ckpt_path last" in err.decode()
+    _, status, err = _interrupted_training(data, cwd, signal.SIGINT)  # what Ctrl-C sends
+    assert status == 130, err[-2000:]  # as shells report Ctrl-C; 1 is for crashes
+    assert "interrupted (Ctrl-C); resume with the same command and --ckpt_path last" in err
     (run,) = _runs(cwd / "runs" / "mnist")
     assert (run / "checkpoints/last-interrupted.ckpt").is_file()
 
