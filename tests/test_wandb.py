@@ -10,7 +10,7 @@ import pytest
 from fakedata import make_image_folder
 from wandb_files import read_run
 
-from lightning_cnn.cli import main
+from lightning_cnn.cli import main, run
 from lightning_cnn.experiments import CONFIG_DIR
 
 CONFIGS = CONFIG_DIR  # the shipped configs, wherever the package is installed
@@ -223,3 +223,30 @@ def test_an_unreachable_wandb_server_means_offline_after_a_bounded_wait(
     assert time.monotonic() - start < 60
     assert "the server could not be reached" in "".join(capfd.readouterr())
     assert list((tmp_path / "runs/split_cifar10_phase1/latest/wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_the_cli_gives_wandb_the_documented_init_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """LightningCLI passes settings=None into the logger, so W&B's own 90 s applied, not the documented 30 s."""
+    import socket
+
+    import wandb
+
+    with socket.socket() as s:  # a port on this machine that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / "data" / "cifar10", per_class_train=4, per_class_test=2)
+    cli = run(["fit", "--config", "split_cifar10_phase1", f"--data.data_dir={root}", "--trainer.max_epochs=1",
+               "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false",
+               "--test_after_fit=false"])  # fmt: skip
+    wandb.finish()
+    (logger,) = cli.trainer.loggers
+    assert logger.init_kwargs["settings"].init_timeout == 30  # what reached wandb.init through the CLI
+    assert "the server could not be reached" in "".join(capfd.readouterr())
