@@ -21,7 +21,7 @@ from lightning_cnn.data import ResidentDataModule
 from lightning_cnn.errors import UserError
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.reporting.record import RunRecord
-from lightning_cnn.reporting.wandb_logger import wandb_disabled
+from lightning_cnn.reporting.wandb_logger import tracking, wandb_disabled
 from lightning_cnn.training.runs import Run
 
 
@@ -176,7 +176,8 @@ class RunReport(L.Callback):
             plot_test_samples(pl_module, datamodule, datamodule.test_split, names, folder / "test_samples.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and not wandb_disabled():
-                _log_to_wandb(logger, summary, confusion, names, present, folder)
+                with tracking("the test's pictures and tables"):
+                    _log_to_wandb(logger, summary, confusion, names, present, folder)
 
     def _folder(self, trainer: L.Trainer) -> Path:
         return self.run.folder if self.run else Path(trainer.default_root_dir)

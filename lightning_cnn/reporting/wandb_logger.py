@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import netrc
 import os
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +129,13 @@ class WandbLogger(LightningWandbLogger):
             return
         import wandb
 
-        for file, aliases in (("best.ckpt", ["best"]), ("last.ckpt", ["latest"])):
-            path = self._checkpoint_dir / file
-            if path.is_file():
-                artifact = wandb.Artifact(f"model-{self.experiment.id}", type="model", metadata={"file": file})
-                artifact.add_file(str(path), name="model.ckpt")  # Lightning's name, so both conventions match
-                self.experiment.log_artifact(artifact, aliases=aliases)
+        with tracking("the checkpoints as a model artifact"):
+            for file, aliases in (("best.ckpt", ["best"]), ("last.ckpt", ["latest"])):
+                path = self._checkpoint_dir / file
+                if path.is_file():
+                    artifact = wandb.Artifact(f"model-{self.experiment.id}", type="model", metadata={"file": file})
+                    artifact.add_file(str(path), name="model.ckpt")  # Lightning's name: both conventions match
+                    self.experiment.log_artifact(artifact, aliases=aliases)
         self._artifacts_logged = True
 
     @property
@@ -197,10 +200,11 @@ class UseCheckpointArtifact(L.Callback):
             return
         for logger in trainer.loggers:
             if isinstance(logger, LightningWandbLogger):
-                run = logger.experiment
-                run.config.update({"uses_artifact": reference}, allow_val_change=True)
-                if not run.offline:
-                    logger.use_artifact(reference, artifact_type="model")
+                with tracking("which checkpoint the run starts from"):
+                    run = logger.experiment
+                    run.config.update({"uses_artifact": reference}, allow_val_change=True)
+                    if not run.offline:
+                        logger.use_artifact(reference, artifact_type="model")
 
 
 class SaveConfigToRun(SaveConfigCallback):
@@ -233,14 +237,31 @@ class SaveConfigToRun(SaveConfigCallback):
         write_atomically(config_path, self.parser.dump(rerun, skip_none=False))
         for logger in trainer.loggers:
             if isinstance(logger, LightningWandbLogger) and not wandb_disabled():
-                experiment = logger.experiment
-                placed = {"run_id": self.run.id, "run_folder": str(self.run.folder), "ckpt_path": self.run.ckpt_path}
-                experiment.config.update({**self.config.as_dict(), **placed}, allow_val_change=True)
-                # A copy inside the W&B run folder (saving a file from outside it makes W&B warn on every run),
-                # under a name of its own: W&B keeps its run config in files/config.yaml
-                inside = Path(experiment.dir) / "lightning_cnn_config.yaml"
-                shutil.copyfile(config_path, inside)
-                experiment.save(str(inside), base_path=experiment.dir, policy="now")
+                with tracking("the run's config"):
+                    experiment = logger.experiment
+                    placed = {
+                        "run_id": self.run.id,
+                        "run_folder": str(self.run.folder),
+                        "ckpt_path": self.run.ckpt_path,
+                    }
+                    experiment.config.update({**self.config.as_dict(), **placed}, allow_val_change=True)
+                    # A copy inside the W&B run folder (saving a file from outside it makes W&B warn on every
+                    # run), under a name of its own: W&B keeps its run config in files/config.yaml
+                    inside = Path(experiment.dir) / "lightning_cnn_config.yaml"
+                    shutil.copyfile(config_path, inside)
+                    experiment.save(str(inside), base_path=experiment.dir, policy="now")
+
+
+@contextlib.contextmanager
+def tracking(what: str) -> Iterator[None]:
+    """W&B calls that must never fail a training: an error (no network, a read-only home where W&B stages its
+    files, a full disk) becomes one line, and the run goes on without that record."""
+    try:
+        yield
+    except Exception as err:  # W&B raises PermissionError, OSError, CommError, ... from its own internals
+        detail = " ".join(str(err).split())[:300]
+        print(f"W&B: could not record {what} ({type(err).__name__}: {detail}); the run goes on without it.",
+              file=sys.stderr)  # fmt: skip
 
 
 def current_wandb_run() -> Any:
