@@ -219,6 +219,7 @@ def test_the_cache_fallback_never_reads_a_folder_another_user_could_have_planted
 
     monkeypatch.setenv("LIGHTNING_CNN_CACHE", "/proc/version/cache")  # under a file: never writable
     monkeypatch.setattr(paths.tempfile, "tempdir", str(tmp_path))  # the shared temp folder, here
+    monkeypatch.setattr(paths, "_TOLD", set())  # the once-per-process note, for this test alone
     predictable = tmp_path / f"lightning_cnn-cache-{os.getuid()}"
     if planted == "link":
         (tmp_path / "theirs").mkdir()
@@ -242,6 +243,7 @@ def test_the_cache_fallback_is_created_private_and_reused(tmp_path: Path, monkey
 
     monkeypatch.setenv("LIGHTNING_CNN_CACHE", "/proc/version/cache")
     monkeypatch.setattr(paths.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(paths, "_TOLD", set())
     first, second = paths.cache_dir(), paths.cache_dir()
     assert first == second == tmp_path / f"lightning_cnn-cache-{os.getuid()}"
     assert first.stat().st_mode & 0o777 == 0o700
