@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -200,6 +201,7 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_resume_takes_the_last_good_che
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "the disk is full" in err and "Traceback" not in err
+    assert re.search(r"Could not write \S+/checkpoints/(best|last)\.ckpt", err) and "last-interrupted" not in err
     monkeypatch.undo()
     (run_folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     last = torch.load(run_folder / "checkpoints" / "last.ckpt", weights_only=True)

@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_cnn.errors import TrainingDiverged, UserError
-from lightning_cnn.files import write_atomically
+from lightning_cnn.files import WriteError, write_atomically
 from lightning_cnn.models import ImageClassifier
 from lightning_cnn.training.runs import Run, slurm_job_id
 
@@ -190,15 +190,21 @@ class InterruptCheckpoint(Callback):
     """On SIGTERM (pre-emption) or an error inside training, saves ``last-interrupted.ckpt`` beside the others.
 
     Its name contains "last", so ``fit --ckpt_path last`` resumes from it when it is the newest. Nothing is
-    saved by a diverged run (its weights are not worth resuming from), by a run that failed before its first
-    step (it would make the next resume start from scratch), or, under DDP, for an error other than SIGTERM:
-    saving waits for every rank, and an error on one rank leaves the others elsewhere.
+    saved by a diverged run (its weights are not worth resuming from), after a failed write (a full disk: the
+    save would fail too, and its error would hide the first one, which names the file that failed), by a run
+    that failed before its first step (it would make the next resume start from scratch), or, under DDP, for
+    an error other than SIGTERM: saving waits for every rank, and an error on one rank leaves the others
+    elsewhere.
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         directory = _checkpoint_dir(trainer)
         # during fit, validation included: SIGTERM often lands in the validation that follows an epoch
-        if isinstance(exception, TrainingDiverged) or directory is None or trainer.state.fn != TrainerFn.FITTING:
+        if (
+            isinstance(exception, TrainingDiverged | WriteError)
+            or directory is None
+            or trainer.state.fn != TrainerFn.FITTING
+        ):
             return
         if trainer.global_step == 0:
             return
