@@ -122,11 +122,15 @@ class SigtermAt(L.Callback):
     as a scheduler pre-empting a run between two of its phases would; not while ``$SEND_SIGTERM`` is ``0`` (so
     that the same command can be run again without it)."""
 
-    def __init__(self, hook: str = "on_train_end") -> None:
-        self.hook = hook
+    def __init__(self, hook: str = "on_train_end", epoch: int | None = None) -> None:
+        self.hook, self.epoch = hook, epoch  # epoch: only in that epoch (not in the sanity check)
 
     def __getattribute__(self, name: str) -> object:
         armed = os.environ.get("SEND_SIGTERM", "1") != "0"
         if armed and name.startswith("on_") and name == object.__getattribute__(self, "hook"):
-            return lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM)
+            return self._send
         return object.__getattribute__(self, name)
+
+    def _send(self, trainer: L.Trainer, *args: object, **kwargs: object) -> None:
+        if self.epoch is None or (trainer.current_epoch == self.epoch and not trainer.sanity_checking):
+            os.kill(os.getpid(), signal.SIGTERM)

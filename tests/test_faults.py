@@ -279,3 +279,19 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint_and_names_the_file(tmp
         assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]  # no .partial keeps the disk full
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_sigterm_during_validation_resumes_to_validate_that_epoch(cifar_root: Path, tmp_path: Path) -> None:
+    """Interrupted in epoch 1's validation, the resumed run validated epoch 1 never: no history row, no best."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    with pytest.raises(SIGTERMException):
+        _fit(cifar_root, tmp_path, 3, "--trainer.callbacks+=fakedata.SigtermAt",
+             "--trainer.callbacks.hook=on_validation_batch_end", "--trainer.callbacks.epoch=1")  # fmt: skip
+    _fit(cifar_root, tmp_path, 3, "--ckpt_path=last")
+    with open(tmp_path / "latest" / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["epoch"])) for r in rows if r.get("val/acc")] == [0, 1, 2]
+    straight = _fit(cifar_root, tmp_path / "straight", 3)  # and the weights are those of an uninterrupted run
+    a, b = _weights(tmp_path), _weights(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a) and straight is not None

@@ -79,9 +79,13 @@ def test_bad_input_exits_2_with_one_line(data: Path, cwd: Path) -> None:
 
 
 def _interrupted_training(data: Path, cwd: Path, signum: int) -> tuple[list[str], int, str]:
-    """A long fit, sent ``signum`` once an epoch is done (the run has trained): its arguments, status, stderr."""
+    """A long fit, sent ``signum`` once an epoch is done (the run has trained): its arguments, status, stderr.
+
+    It validates at its last epoch only, so the signal lands in training (one in a validation saves no
+    checkpoint: test_faults has that case)."""
     args = ["fit", "--config", "mnist", f"--data.data_dir={data}", "--data.batch_size=8", "--trainer.max_epochs=500",
-            "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--trainer.logger=false"]  # fmt: skip
+            "--trainer.check_val_every_n_epoch=1000", "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+            "--trainer.logger=false"]  # fmt: skip
     assert EXE is not None
     process = subprocess.Popen([EXE, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90

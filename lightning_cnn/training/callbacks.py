@@ -192,9 +192,11 @@ class InterruptCheckpoint(Callback):
     Its name contains "last", so ``fit --ckpt_path last`` resumes from it when it is the newest. Nothing is
     saved by a diverged run (its weights are not worth resuming from), after a failed write (a full disk: the
     save would fail too, and its error would hide the first one, which names the file that failed), by a run
-    that failed before its first step (it would make the next resume start from scratch), or, under DDP, for
-    an error other than SIGTERM: saving waits for every rank, and an error on one rank leaves the others
-    elsewhere.
+    that failed before its first step (it would make the next resume start from scratch), in the validation
+    of a fit (Lightning would resume such a checkpoint past the validation, which then never happens: the
+    epoch's ``last.ckpt`` comes after it, so the previous one resumes and the epoch is trained again), or,
+    under DDP, for an error other than SIGTERM: saving waits for every rank, and an error on one rank leaves
+    the others elsewhere.
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -209,6 +211,10 @@ class InterruptCheckpoint(Callback):
         if trainer.global_step == 0:
             return
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            return
+        if trainer.validating:  # Lightning resumes a checkpoint saved mid-validation past that validation
+            print(f"Interrupted ({type(exception).__name__}) in the epoch's validation; a resume (--ckpt_path last) "
+                  "trains this epoch again from the last epoch's checkpoint, then validates it.")  # fmt: skip
             return
         path = Path(directory) / "last-interrupted.ckpt"
         trainer.save_checkpoint(path)
