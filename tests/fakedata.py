@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 from PIL import Image
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -134,3 +138,17 @@ class SigtermAt(L.Callback):
     def _send(self, trainer: L.Trainer, *args: object, **kwargs: object) -> None:
         if self.epoch is None or (trainer.current_epoch == self.epoch and not trainer.sanity_checking):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs mounted on ``folder`` (``options``: ``size=1m``, ``ro,size=1m``) while the block runs: a real
+    full disk or read-only home. Skips the test where mounting is not allowed (the tests and CI run as root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

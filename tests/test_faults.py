@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from fakedata import make_image_folder, make_mnist_idx
+from fakedata import make_image_folder, make_mnist_idx, mounted_tmpfs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -260,25 +260,16 @@ def test_a_sigterm_between_or_at_the_end_of_phases_stops_the_run_unfinished(
 
 def test_a_really_full_disk_keeps_the_previous_checkpoint_and_names_the_file(tmp_path: Path) -> None:
     """On a real full filesystem (a 1 MiB tmpfs), not a stand-in for torch.save: one error, no partial file."""
-    import subprocess
-
     from lightning_cnn.checkpoints import AtomicCheckpointIO
     from lightning_cnn.files import WriteError
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "size=1m") as disk:
         io, path = AtomicCheckpointIO(), disk / "checkpoints" / "best.ckpt"
         io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "epoch": 1}, path)
         with pytest.raises(WriteError, match=r"Could not write .*best\.ckpt: the disk is full\."):
             io.save_checkpoint({"state_dict": {"w": torch.ones(500_000)}, "epoch": 2}, path)  # 2 MB
         assert torch.load(path, weights_only=True)["epoch"] == 1
         assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]  # no .partial keeps the disk full
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_a_sigterm_during_validation_resumes_to_validate_that_epoch(cifar_root: Path, tmp_path: Path) -> None:

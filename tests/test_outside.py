@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fakedata import QUICK, make_data_root, write_hostile_configs
+from fakedata import QUICK, make_data_root, mounted_tmpfs, write_hostile_configs
 
 from lightning_cnn.experiments import CONFIG_DIR
 
@@ -236,19 +236,12 @@ def test_commands_that_train_nothing_do_not_load_torch_or_lightning(cwd: Path, c
 def test_a_read_only_home_never_fails_a_finished_run(data: Path, cwd: Path) -> None:
     """W&B stages its media under $HOME; on a read-only home a finished run ended in W&B's PermissionError (exit 1)
     and latest was not moved. Tracking degrades to one line instead."""
-    home = cwd / "home"
-    home.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(home)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(cwd / "home", "ro,size=1m") as home:
         env = {k: v for k, v in _env().items() if not k.startswith("WANDB_") or k == "WANDB_ERROR_REPORTING"}
         env.update(HOME=str(home), WANDB_MODE="offline", WANDB_SILENT="true")
         assert EXE is not None
         done = subprocess.run([EXE, "fit", "--config", "mnist", f"--data.data_dir={data}", *QUICK], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
-    finally:
-        subprocess.run(["umount", str(home)], check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "W&B: could not record" in done.stderr
     assert (cwd / "runs/mnist/latest/summary.json").is_file()

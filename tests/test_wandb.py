@@ -198,24 +198,30 @@ def test_an_in_process_run_is_on_disk_whole_when_main_returns(offline: Path, tmp
         assert any("val/acc" in row for row in record["history"]), attempt
 
 
-@pytest.mark.slow
-def test_an_unreachable_wandb_server_means_offline_after_a_bounded_wait(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
-) -> None:
+def _an_unreachable_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B pointed at a port on this machine that nothing listens on, with a key; returns a data root."""
     import socket
-    import time
 
-    import wandb
-
-    with socket.socket() as s:  # a port on this machine that nothing listens on
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.chdir(tmp_path)
-    root = make_image_folder(tmp_path / "data" / "cifar10", per_class_train=4, per_class_test=2)
+    return make_image_folder(tmp_path / "data" / "cifar10", per_class_train=4, per_class_test=2)
+
+
+@pytest.mark.slow
+def test_an_unreachable_wandb_server_means_offline_after_a_bounded_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    import time
+
+    import wandb
+
+    root = _an_unreachable_server(tmp_path, monkeypatch)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
     start = time.monotonic()
     main(["fit", "--config", "split_cifar10_phase1", f"--data.data_dir={root}", "--trainer.max_epochs=1",
           "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false"])  # fmt: skip
@@ -230,19 +236,10 @@ def test_the_cli_gives_wandb_the_documented_init_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     """LightningCLI passes settings=None into the logger, so W&B's own 90 s applied, not the documented 30 s."""
-    import socket
-
     import wandb
 
-    with socket.socket() as s:  # a port on this machine that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    root = _an_unreachable_server(tmp_path, monkeypatch)
     monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
-    monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.chdir(tmp_path)
-    root = make_image_folder(tmp_path / "data" / "cifar10", per_class_train=4, per_class_test=2)
     cli = run(["fit", "--config", "split_cifar10_phase1", f"--data.data_dir={root}", "--trainer.max_epochs=1",
                "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false",
                "--test_after_fit=false"])  # fmt: skip
