@@ -133,7 +133,9 @@ class CNNCLI(LightningCLI):
             return
         config = self.config[subcommand]
         command = args.index(subcommand) + 1
-        defaults, recipe = machine_settings(config), recipe_settings(config)
+        defaults = machine_settings(config)
+        chosen = next((d.split("=", 1)[1] for d in defaults if d.startswith("--trainer.precision=")), None)
+        recipe = recipe_settings(config, config.trainer.get("precision") or chosen)
         if defaults or recipe or any(a.startswith("--print_config") for a in args):
             after = recipe_position(args, command)
             args = [*args[:command], *defaults, *args[command:after], *recipe, *args[after:]]
@@ -257,16 +259,13 @@ def machine_settings(config: Any) -> list[str]:
     return options
 
 
-def recipe_settings(config: Any) -> list[str]:
-    """The config's ``by_precision`` settings for the precision this run trains in, as options.
+def recipe_settings(config: Any, precision: Any) -> list[str]:
+    """The config's ``by_precision`` settings for ``precision`` (the one this run trains in), as options.
 
     Raises:
         ConfigError: a ``by_precision`` entry is no precision Lightning knows (its aliases count: ``bf16``, ``32``),
             or names a setting the config does not have.
     """
-    precision = config.trainer.get("precision")
-    if precision is None:
-        precision = getattr(choose_precision(config.trainer.get("accelerator")), "precision", None)
     chosen = precision_recipes(config.get("by_precision")).get(unified_precision(precision) or "", {})
     for key in chosen:  # as the command line takes it: data.batch_size or data.init_args.batch_size
         head, _, rest = key.partition(".")
