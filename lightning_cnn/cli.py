@@ -13,7 +13,14 @@ from typing import Any
 from jsonargparse import ArgumentError
 
 from lightning_cnn import __version__
-from lightning_cnn.errors import TrainingDiverged, checkpoint_mismatch, one_line, user_error
+from lightning_cnn.errors import (
+    ParityError,
+    TrainingDiverged,
+    checkpoint_mismatch,
+    one_line,
+    require_extra,
+    user_error,
+)
 
 # Exit statuses, as the README documents them.
 EXIT_OK, EXIT_CRASH, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
@@ -35,6 +42,8 @@ Lightning's commands (lightning-cnn COMMAND --help lists their options):
 OTHER_COMMANDS = """other commands:
   compare RUN [RUN ...]  table and validation curves of runs (lightning-cnn compare --help)
   experiments            list the shipped experiment configs (lightning-cnn fit --config NAME)
+  export                 a trained run as ONNX (or torch.export), preprocessing inside (export --help)
+  serve                  a trained run over HTTP: POST an image to /predict (serve --help)
   study TARGET           a protocol or config over seeds, as mean ± std (lightning-cnn study --help)
 
 Exit status: 0 success, 2 bad input, 3 training diverged, 143 interrupted by SIGTERM and 130 by Ctrl-C
@@ -84,6 +93,15 @@ def run(args: list[str] | None = None) -> Any:
             from lightning_cnn.study import main as study
 
             return study(argv[1:])
+        if argv[:1] == ["export"]:
+            from lightning_cnn.export import main as export
+
+            return export(argv[1:])
+        if argv[:1] == ["serve"]:
+            require_extra("lightning-cnn serve", ["litserve", "onnxruntime", "onnx", "onnxscript", "python_multipart"])
+            from lightning_cnn.serve import main as serve
+
+            return serve(argv[1:])
         if argv[:1] == ["experiments"]:
             from lightning_cnn.experiments import print_experiments
 
@@ -103,4 +121,6 @@ def run(args: list[str] | None = None) -> Any:
         command = next((a for a in argv if a in TRAINER_COMMANDS), None)
         hint = f" See lightning-cnn {command} --help" if isinstance(cause, ArgumentError) and command else ""
         print(f"lightning-cnn: error: {one_line(cause)}{hint}", file=sys.stderr)
-        raise SystemExit(EXIT_DIVERGED if isinstance(cause, TrainingDiverged) else EXIT_BAD_INPUT) from None
+        statuses: dict[type, int] = {TrainingDiverged: EXIT_DIVERGED, ParityError: EXIT_CRASH}
+        status = statuses.get(type(cause), EXIT_BAD_INPUT)
+        raise SystemExit(status) from None

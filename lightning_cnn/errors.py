@@ -21,8 +21,27 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model."""
 
 
+class ParityError(UserError):
+    """An exported model does not compute what its checkpoint computes (exit status 1, one line)."""
+
+
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite (exit status 3)."""
+
+
+def require_extra(what: str, modules: list[str], extra: str = "serve") -> None:
+    """Raise a ConfigError naming the optional extra to install when one of ``modules`` cannot be imported."""
+    import importlib
+
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ConfigError(f"{what} needs {', '.join(missing)}, which is not installed: pip install "
+                          f"'lightning-cnn[{extra}]'")  # fmt: skip
 
 
 # Lines of jsonargparse's nested messages that say nothing the user can act on.

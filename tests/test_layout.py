@@ -1,5 +1,5 @@
 """The package's layers import downwards only: base modules -> data -> models -> training -> reporting -> the
-commands (experiments, launch, study, cli), and no module imports one that imports it back, at any depth."""
+commands (experiments, export, serve, launch, study, cli), and no module imports one that imports it back, at any depth."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import lightning_cnn
 PACKAGE = Path(lightning_cnn.__file__).parent
 BASE = ("errors", "files", "checkpoints")
 LAYERS = {"data": 1, "models": 2, "training": 3, "reporting": 4}
-TOP = ("experiments", "launch", "study", "cli", "__main__")  # the commands and their config handling sit on every layer
+TOP = ("experiments", "export", "serve", "launch", "study", "cli", "__main__")  # the commands sit on every layer
 
 
 def _module(path: Path) -> str:

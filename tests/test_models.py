@@ -249,10 +249,10 @@ def test_flip_test_time_averages_an_image_and_its_mirror() -> None:
         ImageClassifier(network, num_classes=4, flip_test_time=True),
     )
     expected = (network(x) + network(x.flip(-1))) / 2
-    torch.testing.assert_close(flipped._eval_logits(x), expected)
+    torch.testing.assert_close(flipped.eval_logits(x), expected)
     # the prediction no longer depends on the image's orientation; without the option it does
-    torch.testing.assert_close(flipped._eval_logits(x.flip(-1)), flipped._eval_logits(x))
-    assert not torch.allclose(plain._eval_logits(x.flip(-1)), plain._eval_logits(x))
+    torch.testing.assert_close(flipped.eval_logits(x.flip(-1)), flipped.eval_logits(x))
+    assert not torch.allclose(plain.eval_logits(x.flip(-1)), plain.eval_logits(x))
 
 
 def test_the_module_and_datamodule_work_in_every_order_lightning_allows(tmp_path: Path) -> None:

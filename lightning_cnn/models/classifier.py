@@ -168,7 +168,8 @@ class ImageClassifier(L.LightningModule):
             cast(Metric, self.eval_loss[stage]),
         )
 
-    def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits validation, test and predict judge by (``flip_test_time``: averaged with the mirror's)."""
         logits = self(x)
         if self.flip_test_time:
             logits = (logits + self(x.flip(-1))) / 2
@@ -176,7 +177,7 @@ class ImageClassifier(L.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
-        logits = self._eval_logits(x)
+        logits = self.eval_logits(x)
         preds = logits.argmax(dim=1)
         metrics, confmat, loss = self._stage_metrics(stage)
         metrics.update(preds, y)
@@ -211,7 +212,7 @@ class ImageClassifier(L.LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: tuple[torch.Tensor, Any], batch_idx: int) -> torch.Tensor:
-        return self._eval_logits(batch[0]).float().softmax(dim=1)
+        return self.eval_logits(batch[0]).float().softmax(dim=1)
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:

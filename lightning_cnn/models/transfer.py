@@ -75,7 +75,9 @@ class TransferNet(BackboneHead):
     unfreezing works through Lightning's ``BackboneFinetuning`` callback.
 
     Args:
-        checkpoint_path: Lightning checkpoint of the phase-1 run (or a saved network state dict).
+        checkpoint_path: Lightning checkpoint of the phase-1 run (or a saved network state dict); ``None``
+            builds the architecture alone, for the whole trained state of a TransferNet loaded after (as
+            ``lightning-cnn export`` does, without needing the phase-1 run any more).
         num_classes: outputs of the new head.
         input_shape: ``(C, H, W)`` of the images.
         base: a network of the phase-1 architecture whose backbone receives the weights (default: CIFARCNN).
@@ -88,7 +90,7 @@ class TransferNet(BackboneHead):
 
     def __init__(
         self,
-        checkpoint_path: str,
+        checkpoint_path: str | None,
         num_classes: int = 10,
         input_shape: Sequence[int] = (3, 32, 32),
         base: nn.Module | None = None,
@@ -100,14 +102,15 @@ class TransferNet(BackboneHead):
         if not isinstance(base, BackboneHead):
             raise TypeError(f"base must be one of this package's networks (with a .backbone), got {type(base)}")
         self.backbone = base.backbone
-        self.checkpoint_path = str(checkpoint_path)
-        state = load_backbone_state(checkpoint_path)
-        try:
-            self.backbone.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"The backbone in {checkpoint_path} does not fit {type(base).__name__}'s backbone: {err}"
-            ) from err
+        self.checkpoint_path = checkpoint_path
+        if checkpoint_path is not None:
+            state = load_backbone_state(checkpoint_path)
+            try:
+                self.backbone.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(
+                    f"The backbone in {checkpoint_path} does not fit {type(base).__name__}'s backbone: {err}"
+                ) from err
         self.head = mlp_head(flat_features(self.backbone, input_shape), (hidden_units, num_classes))
         if freeze_backbone:
             self.backbone.requires_grad_(False)

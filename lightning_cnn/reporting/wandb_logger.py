@@ -195,7 +195,8 @@ class UseCheckpointArtifact(L.Callback):
         from lightning_cnn.models import ImageClassifier, TransferNet
 
         network = pl_module.network if isinstance(pl_module, ImageClassifier) else None
-        reference = checkpoint_artifact(network.checkpoint_path) if isinstance(network, TransferNet) else None
+        phase1 = network.checkpoint_path if isinstance(network, TransferNet) else None
+        reference = checkpoint_artifact(phase1) if phase1 is not None else None
         if reference is None or not trainer.is_global_zero or wandb_disabled():
             return
         for logger in trainer.loggers:
