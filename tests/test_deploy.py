@@ -375,3 +375,52 @@ def test_serve_refuses_in_one_line_before_listening(runs: dict[str, Path], tmp_p
             done = subprocess.run([EXE, "serve", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
             errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
             assert done.returncode == 2 and len(errors) == 1 and message in errors[0], done.stderr
+
+
+BLOCKER = """
+import sys
+import lightning_cnn.checkpoints  # Lightning itself probes for optional packages: as installed, before the block
+for name in [m for m in sys.modules if m.split('.')[0] in {blocked!r}]:
+    del sys.modules[name]
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError(f'No module named {{name!r}}')
+sys.meta_path.insert(0, Block())
+from lightning_cnn.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize(
+    ("blocked", "command"),
+    [(["litserve"], ["serve", "--ckpt_path", "x"]), (["onnxruntime", "onnx"], ["export", "--ckpt_path", "x"])],
+)
+def test_a_command_whose_extra_is_missing_says_which_in_one_line(
+    blocked: list[str], command: list[str], tmp_path: Path
+) -> None:
+    script = BLOCKER.format(blocked=blocked)
+    done = subprocess.run([sys.executable, "-c", script, *command], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "pip install 'lightning-cnn[serve]'" in done.stderr and blocked[0] in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(EXE is None, reason="the lightning-cnn executable is not installed")
+def test_two_exports_to_one_file_at_once_leave_a_whole_model(runs: dict[str, Path], tmp_path: Path) -> None:
+    assert EXE is not None
+    target = tmp_path / "model.onnx"
+    command = [EXE, "export", "--ckpt_path", str(runs["mnist"]), "--output", str(target), "--overwrite"]
+    exports = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    import onnxruntime as ort
+
+    seen = 0
+    while any(p.poll() is None for p in exports):  # a reader meanwhile sees no file or a whole one
+        if target.exists():
+            ort.InferenceSession(str(target))
+            seen += 1
+        time.sleep(0.05)
+    assert [p.wait() for p in exports] == [0, 0], [p.stderr.read() for p in exports if p.stderr]
+    ort.InferenceSession(str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no partial file left
