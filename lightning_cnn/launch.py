@@ -69,11 +69,14 @@ class CNNCLI(LightningCLI):
 
     Args:
         group: the W&B group of the run (:func:`fit` passes a study's); the rest as ``LightningCLI``.
+        callbacks: more callbacks for the trainer, as objects (:func:`fit` passes a search's pruning callback).
     """
 
-    def __init__(self, *args: Any, group: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, group: str | None = None, callbacks: Sequence[L.Callback] = (), **kwargs: Any
+    ) -> None:
         self.run: Run | None = None
-        self.group = group
+        self.group, self.extra_callbacks = group, list(callbacks)
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
@@ -165,7 +168,7 @@ class CNNCLI(LightningCLI):
             kwargs["logger"] = [g.for_run(run) if isinstance(g, WandbLogger) else g for g in _listed(loggers)]
         ours = [ShareRun(run), RNGState(), ValidateFinalEpoch(), StopOnNonFiniteLoss(), InterruptCheckpoint(),
                 SlurmRequeue(run), RunReport(run)]  # fmt: skip
-        kwargs["callbacks"] = [*_listed(config["trainer"].get("callbacks")), *ours]
+        kwargs["callbacks"] = [*_listed(config["trainer"].get("callbacks")), *self.extra_callbacks, *ours]
         if not config["trainer"].get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
             if SLURMEnvironment.detect():  # SlurmRequeue handles the requeue signal in place of Lightning
@@ -366,13 +369,16 @@ class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the epilog's lines kept as written."""
 
 
-def cli(args: Sequence[str], group: str | None = None, epilog: str | None = None) -> CNNCLI:
+def cli(
+    args: Sequence[str], group: str | None = None, epilog: str | None = None, callbacks: Sequence[L.Callback] = ()
+) -> CNNCLI:
     """Run a LightningCLI command (``["fit", "--config", "mnist", ...]``) in this process and return it.
 
     Args:
         args: the command line after ``lightning-cnn``; shipped configs by name, ``extends`` resolved here.
         group: the W&B group of the run.
         epilog: text under the main ``--help``.
+        callbacks: more callbacks for the trainer.
 
     Raises:
         UserError: bad input, with a one-line message; ``TrainingDiverged`` when the loss became NaN.
@@ -401,6 +407,7 @@ def cli(args: Sequence[str], group: str | None = None, epilog: str | None = None
             },
             args=resolved,
             group=group,
+            callbacks=callbacks,
         )
 
 
@@ -409,6 +416,7 @@ def fit(
     overrides: Mapping[str, Any] | None = None,
     args: Sequence[str] = (),
     group: str | None = None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> RunRecord:
     """Train (and test) one run, as ``lightning-cnn fit`` does, and return its record.
 
@@ -418,12 +426,14 @@ def fit(
             "run_id": "s1", "ckpt_path": "runs/mnist/s1"}``); they win over the configs and ``args``.
         args: options as on the command line (``["--data.data_dir=/data"]``), e.g. forwarded from a user.
         group: the W&B group of the run.
+        callbacks: more callbacks for the trainer (objects; a config's ``trainer.callbacks`` stay).
 
     Raises:
         UserError: bad input or a failed run (see :func:`cli`); the run's folder is removed if nothing was trained.
     """
     configs = [config] if isinstance(config, str | Path) else list(config)
     options = [_option(key, value) for key, value in (overrides or {}).items()]
-    done = cli(["fit", *(a for c in configs for a in ("--config", str(c))), *args, *options], group=group)
+    done = cli(["fit", *(a for c in configs for a in ("--config", str(c))), *args, *options], group=group,
+               callbacks=callbacks)  # fmt: skip
     assert done.run is not None
     return RunRecord.read(done.run.folder)
