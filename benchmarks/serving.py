@@ -44,11 +44,11 @@ def offline(ckpt: str, repeats: int) -> None:
         tensor = torch.from_numpy(images)
         iterations = 200 if batch == 1 else 20
 
-        def eager() -> None:
+        def eager(tensor: torch.Tensor = tensor) -> None:
             with torch.inference_mode():
                 deployed(tensor)
 
-        def ort() -> None:
+        def ort(images: np.ndarray = images) -> None:
             onnx(images)
 
         times: dict[str, list[float]] = {"eager torch": [], "onnxruntime": []}
@@ -62,7 +62,8 @@ def offline(ckpt: str, repeats: int) -> None:
         medians = {name: statistics.median(t) for name, t in times.items()}
         for name, t in times.items():
             print(f"  batch {batch:2d} {name:12s} median {medians[name]:7.3f} ms  repeats {[round(x, 3) for x in t]}")
-        print(f"  batch {batch:2d} onnxruntime / eager torch speed: {medians['eager torch'] / medians['onnxruntime']:.2f}x")
+        speed = medians["eager torch"] / medians["onnxruntime"]
+        print(f"  batch {batch:2d} onnxruntime / eager torch speed: {speed:.2f}x")
 
 
 class Client(threading.Thread):
@@ -144,8 +145,8 @@ def served(ckpt: str, seconds: float, load_seconds: float) -> None:
             load(port, body, 4, 2)  # warm
             for clients in (1, 8, 32):
                 r = load(port, body, clients, seconds)
-                print(f"  {label:24s} {clients:2d} clients: {r['requests/s']:7.1f} requests/s  p50 {r['p50 ms']:6.1f} ms"
-                      f"  p99 {r['p99 ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
+                print(f"  {label:24s} {clients:2d} clients: {r['requests/s']:7.1f} requests/s  "
+                      f"p50 {r['p50 ms']:6.1f} ms  p99 {r['p99 ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
             if label.startswith("batching on") and load_seconds > 0:
                 r = load(port, body, 32, load_seconds)
                 print(f"  load run, 32 clients, {load_seconds:.0f} s: {r['answered']} answered, {r['errors']} errors, "

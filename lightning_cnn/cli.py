@@ -45,6 +45,7 @@ OTHER_COMMANDS = """other commands:
   export                 a trained run as ONNX (or torch.export), preprocessing inside (export --help)
   serve                  a trained run over HTTP: POST an image to /predict (serve --help)
   study TARGET           a protocol or config over seeds, as mean ± std (lightning-cnn study --help)
+  tune                   hyperparameter search of a W&B sweep file on Optuna (lightning-cnn tune --help)
 
 Exit status: 0 success, 2 bad input, 3 training diverged, 143 interrupted by SIGTERM and 130 by Ctrl-C
 (resume with --ckpt_path last), 1 anything else."""
@@ -102,6 +103,11 @@ def run(args: list[str] | None = None) -> Any:
             from lightning_cnn.serve import main as serve
 
             return serve(argv[1:])
+        if argv[:1] == ["tune"]:
+            require_extra("lightning-cnn tune", ["optuna"], extra="tune")
+            from lightning_cnn.tune import main as tune
+
+            return tune(argv[1:])
         if argv[:1] == ["experiments"]:
             from lightning_cnn.experiments import print_experiments
 

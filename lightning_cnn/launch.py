@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -409,6 +410,21 @@ def cli(
             group=group,
             callbacks=callbacks,
         )
+
+
+def check_options(
+    config: str | Path | Sequence[str | Path], overrides: Mapping[str, Any] | None = None, args: Sequence[str] = ()
+) -> None:
+    """Parse a fit of ``config`` with ``overrides`` and ``args`` and run nothing: an unknown key or a value of the
+    wrong type raises here (jsonargparse's ``ArgumentError``), before any work (a search checks its space so)."""
+    configs = [config] if isinstance(config, str | Path) else list(config)
+    options = [_option(key, value) for key, value in (overrides or {}).items()]
+    with contextlib.redirect_stdout(io.StringIO()):  # LightningCLI's --print_config parses, prints and exits 0
+        try:
+            cli(["fit", *(a for c in configs for a in ("--config", str(c))), *args, *options, "--print_config"])
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                raise
 
 
 def fit(

@@ -424,3 +424,20 @@ def test_two_exports_to_one_file_at_once_leave_a_whole_model(runs: dict[str, Pat
     assert [p.wait() for p in exports] == [0, 0], [p.stderr.read() for p in exports if p.stderr]
     ort.InferenceSession(str(target))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no partial file left
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(EXE is None, reason="the lightning-cnn executable is not installed")
+def test_under_load_every_request_is_answered(runs: dict[str, Path], tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving import load
+
+    server = Server(tmp_path, "--ckpt_path", str(runs["split_cifar10_phase1"]))
+    try:
+        server.wait_ready()
+        body = _encoded(Image.new("RGB", (32, 32), (120, 30, 200)), "PNG")
+        result = load(server.port, body, clients=32, seconds=20)
+        assert result["errors"] == 0 and result["answered"] > 100, result
+        assert server.stop() == 0
+    finally:
+        server.process.kill()

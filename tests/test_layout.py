@@ -1,5 +1,6 @@
 """The package's layers import downwards only: base modules -> data -> models -> training -> reporting -> the
-commands (experiments, export, serve, launch, study, cli), and no module imports one that imports it back, at any depth."""
+commands (experiments, export, serve, launch, study, tune, cli), and no module imports one that imports it back,
+at any depth."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import lightning_cnn
 PACKAGE = Path(lightning_cnn.__file__).parent
 BASE = ("errors", "files", "checkpoints")
 LAYERS = {"data": 1, "models": 2, "training": 3, "reporting": 4}
-TOP = ("experiments", "export", "serve", "launch", "study", "cli", "__main__")  # the commands sit on every layer
+TOP = (
+    "experiments",
+    "export",
+    "serve",
+    "launch",
+    "study",
+    "tune",
+    "cli",
+    "__main__",
+)  # the commands sit on every layer
 
 
 def _module(path: Path) -> str:
