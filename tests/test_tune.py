@@ -220,3 +220,18 @@ def test_two_workers_join_one_search_in_postgresql(postgres: str, data: Path, tm
     runs = [t.user_attrs["run"] for t in finished]
     assert len(set(runs)) == len(runs)  # none run twice
     assert {Path(r).parents[2].name for r in runs} == {"a", "b"}  # both workers took trials
+
+
+def test_a_search_whose_trials_keep_wandb_runs_gets_a_summary_run_in_their_group(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    space = tune.read_space(write_space(tmp_path, {"model.optimizer.init_args.lr": {"values": [1e-3]}}))
+    root = tmp_path / "runs" / "lr-search"
+    trial = [a for a in TRIAL if a != "--trainer.logger=false"]  # the config's W&B logger, offline
+    study = tune.search(["mnist"], space, "lr-search", root, [f"--data.data_dir={data}", *trial], trials=1)
+    run = Path(study.trials[0].user_attrs["run"])
+    assert list((run / "wandb").glob("offline-run-*"))
+    tune.report(study, root)
+    (summary,) = (root / "wandb").glob("offline-run-*lr-search-search")
+    assert summary.is_dir()
