@@ -68,8 +68,9 @@ def main(args: list[str] | None = None) -> int:
         sigterm = exceptions is not None and isinstance(stop, exceptions.SIGTERMException)
         if not ctrl_c and not sigterm:
             raise
-        study = (sys.argv[1:] if args is None else args)[:1] == ["study"]
-        again = "the same command (it continues the study)" if study else "the same command and --ckpt_path last"
+        command = (sys.argv[1:] if args is None else args)[:1]
+        continues = {"study": "the study", "tune": "the search"}.get(command[0] if command else "")
+        again = f"the same command (it continues {continues})" if continues else "the same command and --ckpt_path last"
         print(f"lightning-cnn: interrupted ({'Ctrl-C' if ctrl_c else 'SIGTERM'}); resume with {again}",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED) from None
