@@ -14,11 +14,11 @@ join one search. A trial that stops heartbeating (its process was killed) is mar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import multiprocessing
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_cnn.errors import ConfigError, TrainingDiverged
+from lightning_cnn.errors import ConfigError, TrainingDiverged, UserError, one_line
 from lightning_cnn.experiments import read_config
 from lightning_cnn.files import write_atomically
 from lightning_cnn.reporting.wandb_logger import wandb_disabled
@@ -282,22 +282,30 @@ def work(config: list[str], space: Space, name: str, root: Path, args: list[str]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage_for(url, root), name, space, seed)
 
-    def enough(study: optuna.Study, trial: FrozenTrial | None = None) -> None:
-        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-        if finished >= trials or failed >= trials:  # failures do not count, but a search of nothing else ends
+    def enough(study: optuna.Study, trial: FrozenTrial) -> None:
+        if _finished(study, trials):
             study.stop()
 
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    if len(finished) < trials and len(failed) < trials:
+    if not _finished(study, trials):
         study.optimize(Objective(config, space, name, root, args), timeout=timeout, catch=(TrainingDiverged,),
                        callbacks=[enough])  # fmt: skip
 
 
+def _finished(study: optuna.Study, trials: int) -> bool:
+    """Whether the search holds ``trials`` completed or pruned trials (or as many failed ones: a search in which
+    every trial fails ends too)."""
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return done >= trials or len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) >= trials
+
+
 def _work_in_process(*args: Any) -> None:
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches every worker: the parent reports it
+    try:
         work(*args)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: the parent reports it
+        pass
+    except UserError as err:  # bad input found by a trial: one line, as the command would say it
+        print(f"lightning-cnn: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def search(
@@ -328,6 +336,8 @@ def search(
         for process in processes:
             process.join()
         failed = [p.exitcode for p in processes if p.exitcode]
+        if failed and set(failed) == {2}:
+            raise SystemExit(2)  # bad input, said by the workers
         if failed:
             raise RuntimeError(f"{len(failed)} of {workers} tune workers failed (exit status {failed[0]}); their "
                                "messages are above.")  # fmt: skip
