@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -225,22 +226,32 @@ def storage_for(url: str | None, folder: Path) -> RDBStorage:
         folder.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(folder / 'search.db').resolve()}"
     connect: dict[str, Any] = {"timeout": 60} if url.startswith("sqlite") else {"connect_timeout": STORAGE_WAIT_SECONDS}
-    try:
-        with warnings.catch_warnings():  # Optuna marks heartbeats experimental; users cannot act on that
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=3 * HEARTBEAT_SECONDS,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
-    except Exception as err:  # SQLAlchemy's OperationalError, ArgumentError, a missing driver's ImportError
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"--storage {_without_password(url)} cannot be used: {first}. Check the URL, that the "
-            "server runs and that its driver is installed (psycopg for postgresql)."
-        ) from err
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():  # Optuna marks heartbeats experimental; users cannot act on that
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=3 * HEARTBEAT_SECONDS,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except (IntegrityError, ProgrammingError):
+            # Workers that start together (a SLURM array) race to create Optuna's tables in a new database: the
+            # losers' CREATE fails on PostgreSQL's catalog; the tables are there when they try again.
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+        except Exception as err:  # SQLAlchemy's OperationalError, ArgumentError, a missing driver's ImportError
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"--storage {_without_password(url)} cannot be used: {first}. Check the URL, that the "
+                "server runs and that its driver is installed (psycopg for postgresql)."
+            ) from err
+    raise AssertionError("unreachable")
 
 
 def _without_password(url: str) -> str:

@@ -204,6 +204,32 @@ def postgres() -> Iterator[str]:
 
 
 @pytest.mark.slow
+def test_workers_that_open_a_new_database_together_all_get_the_storage(postgres: str) -> None:
+    """A SLURM array's tasks start at once: they race to create Optuna's tables (PostgreSQL refuses the losers)."""
+    import threading
+
+    import psycopg
+
+    with psycopg.connect(postgres, autocommit=True) as connection:
+        connection.execute("CREATE DATABASE race")
+    url, barrier, errors = postgres.rsplit("/", 1)[0] + "/race", threading.Barrier(6), []
+
+    def open_storage() -> None:
+        barrier.wait()
+        try:
+            tune.storage_for(url, Path("unused"))
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_storage) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(EXE is None, reason="the lightning-cnn executable is not installed")
 def test_two_workers_join_one_search_in_postgresql(postgres: str, data: Path, tmp_path: Path) -> None:
     space = write_space(tmp_path, {"model.optimizer.init_args.lr": {"values": [1e-3, 3e-3, 1e-2]}})
