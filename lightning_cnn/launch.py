@@ -417,11 +417,9 @@ def check_options(
 ) -> None:
     """Parse a fit of ``config`` with ``overrides`` and ``args`` and run nothing: an unknown key or a value of the
     wrong type raises here (jsonargparse's ``ArgumentError``), before any work (a search checks its space so)."""
-    configs = [config] if isinstance(config, str | Path) else list(config)
-    options = [_option(key, value) for key, value in (overrides or {}).items()]
     with contextlib.redirect_stdout(io.StringIO()):  # LightningCLI's --print_config parses, prints and exits 0
         try:
-            cli(["fit", *(a for c in configs for a in ("--config", str(c))), *args, *options, "--print_config"])
+            cli([*_fit_args(config, overrides, args), "--print_config"])
         except SystemExit as stop:
             if stop.code not in (0, None):
                 raise
@@ -447,9 +445,15 @@ def fit(
     Raises:
         UserError: bad input or a failed run (see :func:`cli`); the run's folder is removed if nothing was trained.
     """
-    configs = [config] if isinstance(config, str | Path) else list(config)
-    options = [_option(key, value) for key, value in (overrides or {}).items()]
-    done = cli(["fit", *(a for c in configs for a in ("--config", str(c))), *args, *options], group=group,
-               callbacks=callbacks)  # fmt: skip
+    done = cli(_fit_args(config, overrides, args), group=group, callbacks=callbacks)
     assert done.run is not None
     return RunRecord.read(done.run.folder)
+
+
+def _fit_args(
+    config: str | Path | Sequence[str | Path], overrides: Mapping[str, Any] | None, args: Sequence[str]
+) -> list[str]:
+    """The command line of a fit of ``config`` (a name, a file, or several) with ``args``, then ``overrides``."""
+    configs = [config] if isinstance(config, str | Path) else list(config)
+    options = [_option(key, value) for key, value in (overrides or {}).items()]
+    return ["fit", *(a for c in configs for a in ("--config", str(c))), *args, *options]
