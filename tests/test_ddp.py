@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakedata import make_image_folder
+from fakedata import free_port, make_image_folder
 
 from lightning_cnn.cli import run
 
@@ -83,12 +82,6 @@ def _wait(procs: list[subprocess.Popen[bytes]]) -> None:
         pytest.fail(f"DDP run hung for {LIMIT} s; the stacks of its processes are printed above")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _check_one_run(runs: Path, cifar: Path) -> None:
     """One run folder and one W&B run; its test figures are those of one process on the same checkpoint."""
     folders = [p for p in runs.iterdir() if not p.is_symlink()]
@@ -127,7 +120,7 @@ def test_torchrun_two_processes(cifar: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 def test_two_nodes_on_one_machine(cifar: Path, tmp_path: Path) -> None:
-    runs, port = tmp_path / "runs", _free_port()
+    runs, port = tmp_path / "runs", free_port()
     commands = [
         [TORCHRUN, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
          f"--master_port={port}", "-m", "lightning_cnn", "fit", *ARGS, "--trainer.devices=1", "--trainer.num_nodes=2",
@@ -142,7 +135,7 @@ def _slurm_tasks(job: str) -> list[dict[str, str]]:
     """The variables SLURM sets for two tasks on one node (as Lightning's own SLURM tests set them)."""
     slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
              "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "lightning-cnn", "SLURM_NODELIST": "127.0.0.1",
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
     return [{**slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)} for rank in (0, 1)]
 
 
@@ -235,7 +228,7 @@ def test_an_unreachable_wandb_server_under_ddp_records_one_offline_run(cifar: Pa
     # Rank 0 waits for the server and falls back to offline while rank 1 waits for it: no hang, one run.
     assert EXE is not None
     runs = tmp_path / "runs"
-    server = {"WANDB_BASE_URL": f"http://127.0.0.1:{_free_port()}", "WANDB_INIT_TIMEOUT": "3",
+    server = {"WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", "WANDB_INIT_TIMEOUT": "3",
               "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_MODE": "online"}  # fmt: skip
     command = [EXE, "fit", *ARGS, "--config", "overrides/cpu_ddp", f"--data.data_dir={cifar}",
                f"--trainer.default_root_dir={runs}", "--test_after_fit=false"]  # fmt: skip

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakedata import QUICK, make_mnist_idx
+from fakedata import QUICK, free_port, make_mnist_idx
 
 from lightning_cnn.cli import main
 
@@ -97,9 +96,7 @@ def test_a_storage_that_cannot_be_reached_is_one_line_after_a_bounded_wait(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     pytest.importorskip("psycopg", reason="no PostgreSQL driver")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    port = free_port()  # nothing listens there
     start = time.monotonic()
     with pytest.raises(SystemExit) as stop:
         main(["tune", "--config", "mnist", "--space", str(write_space(tmp_path, LR)),
@@ -189,9 +186,7 @@ def postgres() -> Iterator[str]:
         data = folder / "data"
         subprocess.run([*as_user, bindir / "initdb", "-D", data, "-A", "trust", "-U", "tune"], check=True,
                        capture_output=True)  # fmt: skip
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
         subprocess.run([*as_user, bindir / "pg_ctl", "-D", data, "-o", options, "-w", "-l", folder / "log", "start"],
                        check=True, capture_output=True)  # fmt: skip

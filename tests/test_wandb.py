@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakedata import make_image_folder
+from fakedata import free_port, make_image_folder
 from wandb_files import read_run
 
 from lightning_cnn.cli import main, run
@@ -200,12 +200,7 @@ def test_an_in_process_run_is_on_disk_whole_when_main_returns(offline: Path, tmp
 
 def _an_unreachable_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """W&B pointed at a port on this machine that nothing listens on, with a key; returns a data root."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.chdir(tmp_path)
