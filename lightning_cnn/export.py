@@ -31,9 +31,10 @@ from torch import nn
 
 from lightning_cnn import __version__
 from lightning_cnn.checkpoints import read_checkpoint
+from lightning_cnn.data.augment import Normalize
 from lightning_cnn.errors import CheckpointError, ConfigError, ParityError, require_extra
 from lightning_cnn.files import write_atomically
-from lightning_cnn.models.transfer import load_network_state
+from lightning_cnn.models.transfer import network_weights
 from lightning_cnn.training.runs import CHECKPOINTS, best_checkpoint, run_folder_of
 
 FORMATS = {"onnx": ".onnx", "torch": ".pt2"}
@@ -54,7 +55,8 @@ class TrainedModel:
         mean: per-channel mean of the [0, 1] pixels, subtracted before the network.
         std: per-channel standard deviation divided by after that.
         flip_test_time: the run evaluated the mean logits of each image and its mirror image.
-        data: the DataModule's hyperparameters (its class under ``_class_path``), for the test split.
+        data: the DataModule's hyperparameters, for the test split.
+        data_class: the DataModule's class.
         run: the checkpoint's run folder, if it lies in one.
     """
 
@@ -66,6 +68,7 @@ class TrainedModel:
     std: list[float]
     flip_test_time: bool
     data: dict[str, Any]
+    data_class: type
     run: Path | None
 
     def metadata(self) -> dict[str, str]:
@@ -106,12 +109,11 @@ class Deployed(nn.Module):
     def __init__(self, network: nn.Module, mean: list[float], std: list[float], flip_test_time: bool) -> None:
         super().__init__()
         self.network, self.flip_test_time = network.eval(), flip_test_time
-        std_t = torch.tensor(std, dtype=torch.float32)
-        # the training pipeline's Normalize: x * 1/(255 std) - mean/std
+        normalize = Normalize(mean, std)  # the training pipeline's own scaling, as buffers of the graph
         self.scale: torch.Tensor
         self.shift: torch.Tensor
-        self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(1, -1, 1, 1))
-        self.register_buffer("shift", (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1))
+        self.register_buffer("scale", normalize.scale)
+        self.register_buffer("shift", normalize.shift)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.addcmul(self.shift, images.permute(0, 3, 1, 2).float(), self.scale)
@@ -155,7 +157,7 @@ def load_trained(given: str | Path) -> TrainedModel:
                               "Pass a run folder or a checkpoint that lightning-cnn fit wrote.")  # fmt: skip
     network = build_network(hparams.get("network"), path)
     try:
-        network.load_state_dict(load_network_state(path), strict=True)
+        network.load_state_dict(network_weights(checkpoint, path), strict=True)
     except RuntimeError as err:
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err)[:200])
         raise CheckpointError(f"--ckpt_path {path}: its weights do not fit its network ({first}).") from err
@@ -173,6 +175,7 @@ def load_trained(given: str | Path) -> TrainedModel:
         std=[float(s) for s in std] * (channels // len(std)),
         flip_test_time=bool(hparams.get("flip_test_time", False)),
         data=data,
+        data_class=datamodule,
         run=run_folder_of(path.resolve()),
     )
 
@@ -246,21 +249,25 @@ def torch_program(model: TrainedModel) -> bytes:
     return buffer.getvalue()
 
 
-def exported_runner(fmt: str, content: bytes, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from uint8 images ``(N, H, W, C)`` to the exported model's logits, as a deployer runs it."""
+def exported_runner(
+    fmt: str, content: bytes, threads: int | None = None, output: str = "logits"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from uint8 images ``(N, H, W, C)`` to the exported model's ``output`` (``logits`` or
+    ``probabilities``), as a deployer runs it; ``threads``: onnxruntime's intra-op threads."""
     if fmt == "onnx":
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session = ort.InferenceSession(content, options, providers=["CPUExecutionProvider"])
-        return lambda images: session.run(["logits"], {"images": images})[0]
+        return lambda images: session.run([output], {"images": images})[0]
     program = torch.export.load(io.BytesIO(content)).module()
+    index = ["logits", "probabilities"].index(output)
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return program(torch.from_numpy(images))[0].numpy()
+            return program(torch.from_numpy(images))[index].numpy()
 
     return run
 
@@ -314,11 +321,10 @@ def check_parity(model: TrainedModel, run_exported: Callable[[np.ndarray], np.nd
 
 def evaluation_data(model: TrainedModel, data_dir: str | None) -> Any:
     """The run's DataModule, set up for its test split (``data_dir``: instead of the one the run trained on)."""
-    cls = _package_class(model.data.get("_class_path"), "lightning_cnn.data", model.checkpoint)
     kwargs = {k: v for k, v in model.data.items() if not k.startswith("_") and k != "predict_dir"}
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
-    datamodule = cls(**{**kwargs, "data_on_device": False})
+    datamodule = model.data_class(**{**kwargs, "data_on_device": False})
     datamodule.setup("test")
     return datamodule
 

@@ -29,6 +29,7 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image, UnidentifiedImageError
 
+from lightning_cnn.data.predict import network_pixels
 from lightning_cnn.errors import ConfigError
 
 MAX_BODY_BYTES = 16 * 2**20  # an upload larger than this is refused (413), and not kept in memory
@@ -49,12 +50,11 @@ class ImageUploads:
 
     Args:
         app: the ASGI app (LitServe's).
-        size: ``(width, height)`` to resize to.
-        mode: ``"RGB"`` or ``"L"``.
+        input_shape: ``(C, H, W)`` of the network.
     """
 
-    def __init__(self, app: Any, size: tuple[int, int], mode: str) -> None:
-        self.app, self.size, self.mode = app, size, mode
+    def __init__(self, app: Any, input_shape: tuple[int, int, int]) -> None:
+        self.app, self.input_shape = app, input_shape
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PREDICT_PATH:
@@ -90,7 +90,7 @@ class ImageUploads:
             body = await _uploaded_file(scope, body)
         if not body:
             raise HTTPException(400, "the request has no image: its body is empty")
-        return await asyncio.to_thread(decode_image, body, self.size, self.mode)
+        return await asyncio.to_thread(decode_image, body, self.input_shape)
 
 
 async def _read_body(receive: Callable) -> bytes:
@@ -129,8 +129,9 @@ async def _uploaded_file(scope: dict[str, Any], body: bytes) -> bytes:
     return await files[0].read()
 
 
-def decode_image(content: bytes, size: tuple[int, int], mode: str) -> np.ndarray:
-    """An image file's bytes as uint8 ``(H, W, C)`` at ``size`` in ``mode``, as ``predict`` converts images.
+def decode_image(content: bytes, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """An image file's bytes as the network of ``input_shape`` ``(C, H, W)`` takes them: uint8 ``(H, W, C)``,
+    converted as ``predict`` converts images.
 
     Raises:
         HTTPException: 400 when it is no image or a damaged one, 413 when it has more than ``MAX_PIXELS``.
@@ -142,14 +143,13 @@ def decode_image(content: bytes, size: tuple[int, int], mode: str) -> np.ndarray
                 if image.width * image.height > MAX_PIXELS:
                     raise HTTPException(413, f"the image is {image.width}x{image.height}, more than the limit of "
                                              f"{MAX_PIXELS:,} pixels")  # fmt: skip
-                pixels = np.asarray(image.convert(mode).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+                return network_pixels(image, input_shape)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise HTTPException(413, f"the image is too large to decode ({err})") from err
     except UnidentifiedImageError as err:
         raise HTTPException(400, "the body is not an image Pillow can read (PNG, JPEG, ...)") from err
     except (OSError, ValueError, SyntaxError) as err:  # truncated or damaged data: Pillow's OSError and others
         raise HTTPException(400, f"the image is damaged or truncated ({err})") from err
-    return pixels.reshape(size[1], size[0], -1)
 
 
 async def _send_json(send: Callable, status: int, content: dict[str, Any]) -> None:
@@ -189,17 +189,12 @@ class ClassifierAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         signal.signal(signal.SIGTERM, _exit_after_grace)
-        if self.onnx is not None:
-            import onnxruntime as ort
+        from lightning_cnn.export import exported_runner, load_trained
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
-            session = ort.InferenceSession(self.onnx, options, providers=["CPUExecutionProvider"])
-            self.run_model = lambda images: session.run(["probabilities"], {"images": images})[0]
+        if self.onnx is not None:
+            self.run_model = exported_runner("onnx", self.onnx, self.threads, output="probabilities")
             return
         import torch
-
-        from lightning_cnn.export import load_trained
 
         torch.set_num_threads(self.threads)
         deployed = load_trained(self.checkpoint).deployable()
@@ -282,9 +277,8 @@ def main(argv: list[str]) -> None:
         "backend": args.backend,
         "checkpoint": str(model.checkpoint),
     }
-    size, mode = (width, height), ("RGB" if channels == 3 else "L")
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, model_metadata=info,
-                          middlewares=[(ImageUploads, {"size": size, "mode": mode})])  # fmt: skip
+                          middlewares=[(ImageUploads, {"input_shape": model.input_shape})])  # fmt: skip
     backend = f"onnxruntime, {source}" if onnx is not None else "eager torch"
     print(f"lightning-cnn serve: {model.checkpoint} ({backend}; {args.workers} worker(s) of {threads} thread(s), "
           f"batches of up to {args.max_batch_size}) on {where}: POST /predict, GET /health, GET /info",

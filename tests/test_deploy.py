@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fakedata import QUICK, make_data_root
+from fakedata import QUICK, free_port, make_data_root
 from PIL import Image
 
 from lightning_cnn.cli import main
@@ -218,20 +218,14 @@ def png_claiming(width: int, height: int) -> bytes:
 def test_decoding_refuses_what_is_no_usable_image() -> None:
     good = io.BytesIO()
     Image.new("RGBA", (64, 48), (10, 20, 30, 40)).save(good, "PNG")
-    assert decode_image(good.getvalue(), (32, 32), "RGB").shape == (32, 32, 3)
-    assert decode_image(good.getvalue(), (28, 28), "L").shape == (28, 28, 1)
+    assert decode_image(good.getvalue(), (3, 32, 32)).shape == (32, 32, 3)
+    assert decode_image(good.getvalue(), (1, 28, 28)).shape == (28, 28, 1)
     from fastapi import HTTPException
 
     for content, status in [(b"hello", 400), (good.getvalue()[:60], 400), (png_claiming(20_000, 20_000), 413)]:
         with pytest.raises(HTTPException) as refused:
-            decode_image(content, (32, 32), "RGB")
+            decode_image(content, (3, 32, 32))
         assert refused.value.status_code == status
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _post(port: int, body: bytes, content_type: str | None, timeout: float = 30) -> tuple[int, dict[str, Any]]:
@@ -256,7 +250,7 @@ class Server:
 
     def __init__(self, cwd: Path, *args: str) -> None:
         assert EXE is not None
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         command = [EXE, "serve", "--port", str(self.port), *args]
         self.log = cwd / f"serve-{self.port}.log"

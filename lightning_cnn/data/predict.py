@@ -25,8 +25,7 @@ class PredictFolder(Dataset):
         self.files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-        self.mode = "L" if input_shape[0] == 1 else "RGB"
-        self.size = (input_shape[2], input_shape[1])
+        self.input_shape = input_shape
 
     def __len__(self) -> int:
         return len(self.files)
@@ -35,12 +34,19 @@ class PredictFolder(Dataset):
         path = self.files[i]
         try:
             with Image.open(path) as im:
-                pixels = np.asarray(im.convert(self.mode).resize(self.size, Image.Resampling.BILINEAR))
+                pixels = network_pixels(im, self.input_shape)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise DataError(f"Cannot decode image {path}: {err}. Replace or remove the file.") from err
-        tensor = torch.from_numpy(pixels.copy())
-        return (tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)), str(path)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1), str(path)
 
     @staticmethod
     def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
         return torch.stack([x for x, _ in items]), [p for _, p in items]
+
+
+def network_pixels(image: Image.Image, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """An image as a network of ``input_shape`` ``(C, H, W)`` takes it: RGB (or gray for one channel), resized
+    bilinearly to ``(H, W)``; uint8 ``(H, W, C)``. ``predict`` and ``serve`` both convert images here."""
+    channels, height, width = input_shape
+    converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(converted, dtype=np.uint8).reshape(height, width, channels)

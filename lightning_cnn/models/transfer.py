@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,15 @@ def load_network_state(path: str | Path) -> dict[str, torch.Tensor]:
         "checkpoint_path at its .ckpt.",
         unreadable_hint="Point checkpoint_path at a phase-1 run's best.ckpt or last.ckpt.",
     )
+    return network_weights(state, path)
+
+
+def network_weights(state: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The network weights in a checkpoint read from ``path`` (or in a plain state dict), prefix removed.
+
+    Raises:
+        CheckpointError: it holds no state dict.
+    """
     weights = state.get("state_dict", state)
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path} holds no state dict; expected a Lightning .ckpt of a phase-1 run.")
