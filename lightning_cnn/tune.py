@@ -36,6 +36,7 @@ from lightning_cnn.experiments import read_config
 from lightning_cnn.files import write_atomically
 from lightning_cnn.reporting.wandb_logger import wandb_disabled
 
+SEARCH_DB = "search.db"  # the embedded storage, in the search's folder
 HEARTBEAT_SECONDS = 5  # a running trial writes a heartbeat this often; one silent for 3x this is failed
 STORAGE_WAIT_SECONDS = 10  # how long a storage server that does not answer is waited for
 SWEEP_ONLY_KEYS = {"program", "command", "project", "entity", "name", "description", "run_cap"}  # W&B's own
@@ -224,7 +225,7 @@ def storage_for(url: str | None, folder: Path) -> RDBStorage:
     """
     if url is None:
         folder.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{(folder / 'search.db').resolve()}"
+        url = f"sqlite:///{(folder / SEARCH_DB).resolve()}"
     connect: dict[str, Any] = {"timeout": 60} if url.startswith("sqlite") else {"connect_timeout": STORAGE_WAIT_SECONDS}
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
@@ -284,7 +285,7 @@ def open_study(storage: RDBStorage, name: str, space: Space, seed: int) -> optun
 
 # ---------------------------------------------------------------------------------------------------- running
 def work(config: list[str], space: Space, name: str, root: Path, args: list[str], url: str | None,
-         trials: int, timeout: float | None, threads: int | None, seed: int) -> None:  # fmt: skip
+         trials: int, timeout: float | None, threads: int | None, seed: int) -> optuna.Study:  # fmt: skip
     """One worker: trials until the search holds ``trials`` finished ones (or ``timeout`` seconds passed)."""
     if threads:
         import torch
@@ -300,6 +301,7 @@ def work(config: list[str], space: Space, name: str, root: Path, args: list[str]
     if not _finished(study, trials):
         study.optimize(Objective(config, space, name, root, args), timeout=timeout, catch=(TrainingDiverged,),
                        callbacks=[enough])  # fmt: skip
+    return study
 
 
 def _finished(study: optuna.Study, trials: int) -> bool:
@@ -332,31 +334,30 @@ def search(
     seed: int = 0,
 ) -> optuna.Study:
     """Run (or continue) the search: ``workers`` processes, each with its share of the cores."""
+    if workers == 1:
+        return work(config, space, name, root, args, url, trials, timeout, None, seed)
     storage = storage_for(url, root)
     open_study(storage, name, space, seed)  # created once, before the workers race to create it
-    if workers == 1:
-        work(config, space, name, root, args, url, trials, timeout, None, seed)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        context = multiprocessing.get_context("spawn")
-        processes = [context.Process(target=_work_in_process,
-                                     args=(config, space, name, root, args, url, trials, timeout, threads, seed + i))
-                     for i in range(workers)]  # fmt: skip
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
-        failed = [p.exitcode for p in processes if p.exitcode]
-        if failed and set(failed) == {2}:
-            raise SystemExit(2)  # bad input, said by the workers
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {workers} tune workers failed (exit status {failed[0]}); their "
-                               "messages are above.")  # fmt: skip
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_work_in_process,
+                                 args=(config, space, name, root, args, url, trials, timeout, threads, seed + i))
+                 for i in range(workers)]  # fmt: skip
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [p.exitcode for p in processes if p.exitcode]
+    if failed and set(failed) == {2}:
+        raise SystemExit(2)  # bad input, said by the workers
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {workers} tune workers failed (exit status {failed[0]}); their "
+                           "messages are above.")  # fmt: skip
     return optuna.load_study(study_name=name, storage=storage)
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def report(study: optuna.Study, folder: Path, base_config: list[str] | None = None) -> str:
+def report(study: optuna.Study, folder: Path) -> str:
     """``trials.md`` (every trial), ``best.yaml`` (the best trial's config, runnable as is), the optimization
     history and parameter importance pictures, and a W&B summary run when the trials kept W&B runs."""
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
@@ -422,14 +423,12 @@ def _seconds(trial: FrozenTrial) -> str:
 
 
 def _pictures(study: optuna.Study, folder: Path) -> None:
-    import io
     import warnings
 
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as plots
+
+    from lightning_cnn.reporting.plots import save_figure  # matplotlib, headless
 
     pictures = (("history.png", plots.plot_optimization_history), ("importance.png", plots.plot_param_importances))
     for name, plot in pictures:
@@ -440,12 +439,7 @@ def _pictures(study: optuna.Study, folder: Path) -> None:
         except (ValueError, RuntimeError) as err:  # too few finished trials for importances
             print(f"lightning-cnn tune: no {name} yet ({err})")
             continue
-        figure = plt.gcf()  # the figure Optuna drew on
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-        plt.close(figure)
-        write_atomically(folder / name, buffer.getvalue())
+        save_figure(plt.gcf(), folder / name)  # the figure Optuna drew on
 
 
 # ---------------------------------------------------------------------------------------------------- command
@@ -465,8 +459,8 @@ def main(argv: list[str]) -> None:
     if args.report:
         name = args.report
         folder = args.dir / name
-        if args.storage is None and not (folder / "search.db").is_file():
-            raise ConfigError(f"No search {name} under {args.dir} (no {folder / 'search.db'}); pass --storage if "
+        if args.storage is None and not (folder / SEARCH_DB).is_file():
+            raise ConfigError(f"No search {name} under {args.dir} (no {folder / SEARCH_DB}); pass --storage if "
                               "it lives in a database.")  # fmt: skip
         study = optuna.load_study(study_name=name, storage=storage_for(args.storage, folder))
         print(report(study, folder), end="")

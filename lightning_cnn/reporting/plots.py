@@ -29,7 +29,7 @@ def plot_learning_curves(record: RunRecord, path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_title(f"{record.name} {metric}")
         _grid_and_legend(ax)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, names: Sequence[str], path: Path, present: torch.Tensor) -> None:
@@ -42,7 +42,7 @@ def plot_confusion_matrix(confusion: torch.Tensor, names: Sequence[str], path: P
     MulticlassConfusionMatrix(len(labels)).plot(val=confusion[keep][:, keep], ax=ax, labels=labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_per_class_table(
@@ -71,7 +71,7 @@ def plot_validation_curves(records: dict[str, RunRecord], path: Path) -> None:
     ax.grid(alpha=0.3)
     if any(curves.values()):
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_test_samples(
@@ -95,7 +95,7 @@ def plot_test_samples(
         ax.set_title(f"{name(p)}\n({name(t)})", fontsize=7, color="black" if p == t else "red")
     for ax in axes.flat:
         ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_study(result: dict[str, Any], runs: dict[int, dict[str, RunRecord]], path: Path) -> None:
@@ -143,7 +143,7 @@ def plot_study(result: dict[str, Any], runs: dict[int, dict[str, RunRecord]], pa
     ax.set_ylabel("val acc (%), mean ± std over seeds")
     ax.set_title("phase 2" if matrices else Path(result["target"]).stem)
     _grid_and_legend(ax)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _grid_and_legend(ax: Any) -> None:
@@ -152,7 +152,8 @@ def _grid_and_legend(ax: Any) -> None:
         ax.legend()
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG (atomically) and close it."""
     fig.tight_layout()
     picture = io.BytesIO()
     fig.savefig(picture, format="png", dpi=100)
