@@ -291,16 +291,20 @@ def work(config: list[str], space: Space, name: str, root: Path, args: list[str]
         import torch
 
         torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage_for(url, root), name, space, seed)
 
     def enough(study: optuna.Study, trial: FrozenTrial) -> None:
         if _finished(study, trials):
             study.stop()
 
-    if not _finished(study, trials):
-        study.optimize(Objective(config, space, name, root, args), timeout=timeout, catch=(TrainingDiverged,),
-                       callbacks=[enough])  # fmt: skip
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial; the runs say more
+    try:
+        if not _finished(study, trials):
+            study.optimize(Objective(config, space, name, root, args), timeout=timeout, catch=(TrainingDiverged,),
+                           callbacks=[enough])  # fmt: skip
+    finally:
+        optuna.logging.set_verbosity(verbosity)  # a search called from Python leaves Optuna's logging as it was
     return study
 
 

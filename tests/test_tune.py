@@ -250,7 +250,9 @@ def test_a_search_whose_trials_keep_wandb_runs_gets_a_summary_run_in_their_group
     space = tune.read_space(write_space(tmp_path, {"model.optimizer.init_args.lr": {"values": [1e-3]}}))
     root = tmp_path / "runs" / "lr-search"
     trial = [a for a in TRIAL if a != "--trainer.logger=false"]  # the config's W&B logger, offline
+    verbosity = optuna.logging.get_verbosity()
     study = tune.search(["mnist"], space, "lr-search", root, [f"--data.data_dir={data}", *trial], trials=1)
+    assert optuna.logging.get_verbosity() == verbosity  # a search from Python leaves Optuna's logging as it was
     run = Path(study.trials[0].user_attrs["run"])
     assert list((run / "wandb").glob("offline-run-*"))
     tune.report(study, root)
