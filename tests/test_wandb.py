@@ -122,6 +122,55 @@ def test_no_account_means_offline_with_a_sync_hint(
     assert online.init_kwargs["mode"] is None and "WANDB_MODE" not in os.environ
 
 
+def _wandb_login(home: Path, *host: str) -> dict[str, str]:
+    """``wandb login`` as a user runs it (the key stored, not checked with a server); returns that user's env."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "NETRC")}
+    env["HOME"] = str(home)
+    login = [sys.executable, "-m", "wandb", "login", "--no-verify", *host, FAKE_KEY]
+    subprocess.run(login, env=env, check=True, capture_output=True, timeout=120)
+    return env
+
+
+@pytest.mark.parametrize("host", [[], ["--host", "http://127.0.0.1:{port}"]], ids=["default-host", "own-server"])
+def test_a_key_stored_by_wandb_login_is_found(host: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb 0.31 stores the key under its current cloud host (no longer api.wandb.ai), or under the server
+    `--host` names, which it keeps in its settings file: W&B's own lookup finds both, a lookup by hand did not."""
+    import wandb
+
+    from lightning_cnn.reporting.wandb_logger import WandbLogger
+
+    env = _wandb_login(tmp_path, *[h.format(port=free_port()) for h in host])
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", env["HOME"])
+    wandb.teardown()  # W&B's settings and session of the tests before, which had keys of their own
+    try:
+        logger = WandbLogger(save_dir=str(tmp_path / "run"))  # not started: no traffic to any server
+        assert not logger.no_key and logger.init_kwargs["mode"] is None
+    finally:
+        wandb.teardown()
+
+
+@pytest.mark.slow
+def test_fit_after_wandb_login_goes_online_and_falls_back_when_the_server_is_away(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    env = _wandb_login(tmp_path, "--host", f"http://127.0.0.1:{free_port()}")
+    root = make_image_folder(tmp_path / "data" / "cifar10", per_class_train=4, per_class_test=2)
+    fit = [shutil.which("lightning-cnn") or "lightning-cnn", "fit", "--config", "split_cifar10_phase1",
+           f"--data.data_dir={root}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+           "--trainer.enable_progress_bar=false", "--test_after_fit=false"]  # fmt: skip
+    done = subprocess.run(fit, env={**env, "WANDB_INIT_TIMEOUT": "3"}, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no API key" not in done.stderr and "the server could not be reached" in done.stderr
+    assert list((tmp_path / "runs/split_cifar10_phase1/latest/wandb").glob("offline-run-*"))
+
+
 class _FakeApiRun:
     """What ``wandb.Api().run(path)`` returns, reduced to what compare reads (no server in tests)."""
 

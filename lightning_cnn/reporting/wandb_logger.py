@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import netrc
 import os
 import shutil
 import sys
@@ -29,15 +28,26 @@ LIGHTNING_PARAMETERS = frozenset(inspect.signature(LightningWandbLogger.__init__
 
 
 def wandb_configured() -> bool:
-    """Whether this machine has a W&B API key (environment or ``~/.netrc``), without contacting the server."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
+    """Whether W&B finds credentials for its server, asked of W&B itself without contacting the server.
+
+    W&B looks in ``WANDB_API_KEY``, an identity token file, its settings files and the netrc file (``~/.netrc``,
+    ``~/_netrc`` or ``$NETRC``) under the host it is configured for (``wandb login --host``, ``WANDB_BASE_URL``,
+    or its default cloud host, which ``wandb login`` writes the key under and which changed in wandb 0.31).
+    """
+    import wandb
+
+    settings = wandb.setup().settings
+    silent = settings.silent
+    # wandb.login's "logged in as" line asks the server for the user's name, which waits for an unreachable
+    # server; silent leaves only that out (verify=False: the key is not checked there either)
+    settings.silent = True
     try:
-        return (
-            netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]) is not None
-        )
-    except (OSError, netrc.NetrcParseError):
+        return wandb.login(verify=False, prompt=False)
+    except Exception as err:  # AuthenticationError: a key of the wrong form, or a broken netrc file
+        print(f"W&B: {err}", file=sys.stderr)
         return False
+    finally:
+        settings.silent = silent
 
 
 class WandbLogger(LightningWandbLogger):
