@@ -195,7 +195,11 @@ def test_slurm_requeue_on_sigusr1_resumes_the_same_run(cifar: Path, tmp_path: Pa
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "777"]
     (run,) = [p for p in runs.iterdir() if not p.is_symlink()]
     (hpc,) = run.glob("hpc_ckpt_*.ckpt")
-    epoch = torch.load(hpc, weights_only=True)["epoch"]
+    saved = torch.load(hpc, weights_only=True)
+    epoch = saved["epoch"]
+    # the epoch's training figures so far, summed over both ranks (4 images a batch each): rank 0 resumes them
+    images = 2 * 4 * (saved["global_step"] - 3 * epoch)
+    assert saved["train_epoch_metrics"]["train_loss"]["weight"].item() == images > 0
     requeued = [*command[:-2], f"--trainer.max_epochs={epoch + 2}", "--test_after_fit=false"]
     _launch([requeued, requeued], tmp_path, envs)  # the requeued job: same command, same job id
     assert [p for p in runs.iterdir() if not p.is_symlink()] == [run]

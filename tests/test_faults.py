@@ -71,7 +71,15 @@ def test_a_run_interrupted_mid_epoch_resumes_bit_for_bit(cifar_root: Path, tmp_p
         resumed = _fit(cifar_root, tmp_path / "b", 3, "--ckpt_path=last")
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(straight.trainer.callback_metrics["val/acc"], resumed.trainer.callback_metrics["val/acc"])
+    for key in ("val/acc", "train/loss_epoch", "train/acc"):
+        assert torch.equal(straight.trainer.callback_metrics[key], resumed.trainer.callback_metrics[key]), key
+    # the interrupted epoch's training figures too: its first batches were trained before the interruption
+    assert _history(tmp_path / "a") == _history(tmp_path / "b")
+
+
+def _history(experiment: Path) -> list[dict[str, str]]:
+    with open(experiment / "latest" / "history.csv") as f:
+        return [{k: v for k, v in row.items() if k.startswith(("train/", "val/"))} for row in csv.DictReader(f)]
 
 
 def test_same_seed_same_weights_and_metrics(cifar_root: Path, tmp_path: Path) -> None:

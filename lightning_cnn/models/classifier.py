@@ -116,6 +116,9 @@ class ImageClassifier(L.LightningModule):
         self.num_classes = _class_count(num_classes, class_names)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
         self.train_acc = MulticlassAccuracy(self.num_classes)
+        # "ignore", not "disable", which drops the weights in torchmetrics 1.9; a NaN loss stops the run anyway
+        self.train_loss = MeanMetric(nan_strategy="ignore")
+        self._resumed_epoch_states: dict[str, dict[str, torch.Tensor]] | None = None
         self.metrics = nn.ModuleDict({s: classification_metrics(self.num_classes, s) for s in EVAL_STAGES})
         self.confmat = nn.ModuleDict({s: confusion_matrix(self.num_classes) for s in EVAL_STAGES})
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in EVAL_STAGES})
@@ -141,9 +144,40 @@ class ImageClassifier(L.LightningModule):
             if isinstance(metric, Metric):
                 metric.reset()
 
+    # A run resumed in the middle of an epoch logs the same train/acc and train/loss for it as an uninterrupted
+    # run: the epoch's accumulations so far travel in the checkpoint beside (not in) the state dict, so the
+    # weights of every checkpoint, older ones included, still load strictly. Lightning restores none of this:
+    # its own epoch aggregation of logged values is not in its checkpoints.
+    def _train_metrics(self) -> dict[str, Metric]:
+        return {"train_acc": self.train_acc, "train_loss": self.train_loss}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # also in the hyperparameters; here at the top, where a phase-2 run reads its phase-1 head's size
         checkpoint["class_names"] = list(self.class_names)
+        states = {}
+        for name, metric in self._train_metrics().items():
+            # every rank saves (Lightning's saving is collective); the sums of all ranks, resumed by rank 0 alone
+            with metric.sync_context(should_unsync=True):
+                # both metrics keep tensors (sums), no lists
+                states[name] = {k: cast(torch.Tensor, v).detach().cpu().clone() for k, v in metric.metric_state.items()}
+        checkpoint["train_epoch_metrics"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_epoch_states = checkpoint.get("train_epoch_metrics")
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning calls this for an epoch it starts, not for one it resumes in the middle: the saved
+        # accumulations belong to an epoch that is over
+        self._resumed_epoch_states = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resumed_epoch_states is None:
+            return
+        if self.global_rank == 0:
+            for name, metric in self._train_metrics().items():
+                for key, value in self._resumed_epoch_states.get(name, {}).items():
+                    setattr(metric, key, value.to(self.device))
+        self._resumed_epoch_states = None
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +191,11 @@ class ImageClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         # update only: the accuracy is logged per epoch, so computing it for every batch (forward) is wasted work
         self.train_acc.update(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.train_loss.update(loss.detach(), weight=len(y))
+        # the names Lightning gives a value logged on_step and on_epoch; the epoch's mean is a metric so that a
+        # mid-epoch checkpoint can carry it (see on_save_checkpoint)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
