@@ -174,15 +174,20 @@ def test_transfer_unfrozen_backbone_trains(tmp_path: Path) -> None:
 
 
 def test_transfer_checkpoint_errors_come_before_training(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"does not exist\. Train phase 1 first"):
+    with pytest.raises(CheckpointError, match=r"does not exist\. Train the run whose backbone you want first"):
         TransferNet(str(tmp_path / "missing.ckpt"))
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
         TransferNet(str(junk))
-    mnist = _phase1_checkpoint_mnist(tmp_path)
-    with pytest.raises(CheckpointError, match="does not fit CIFARCNN's backbone"):
+    mnist = _phase1_checkpoint_mnist(tmp_path)  # gray images: the first thing that does not fit, said so
+    with pytest.raises(CheckpointError, match=r"takes 1-channel images, these have 3 \(data\.channels\)"):
         TransferNet(str(mnist))
+    other = tmp_path / "other.ckpt"  # RGB, but another architecture: the layer that differs is named
+    state = {f"network.{k}": v for k, v in CIFARCNN().state_dict().items() if not k.startswith("backbone.3.")}
+    torch.save({"state_dict": state}, other)
+    with pytest.raises(CheckpointError, match="does not fit CIFARCNN's backbone"):
+        TransferNet(str(other))
 
 
 def _phase1_checkpoint_mnist(tmp_path: Path) -> Path:

@@ -43,8 +43,13 @@ def mlp_head(in_features: int, widths: Sequence[int], dropout: Sequence[float] =
 
 def flat_features(backbone: nn.Module, input_shape: Sequence[int]) -> int:
     """Length of the backbone's flattened output for one image of ``input_shape`` ``(C, H, W)``."""
-    with torch.no_grad():
-        return int(backbone(torch.zeros(1, *input_shape)).shape[1])
+    try:
+        with torch.no_grad():
+            return int(backbone(torch.zeros(1, *input_shape)).shape[1])
+    except RuntimeError as err:  # torch: "Output size is too small", or a channel count that does not fit
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"Images of shape {tuple(input_shape)} (C, H, W) do not fit this network ({first}); "
+                          "use larger images (data.image_size) or the channels it was built for.") from err  # fmt: skip
 
 
 Init = Literal["pytorch", "keras", "he"]

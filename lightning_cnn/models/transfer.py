@@ -20,12 +20,14 @@ def load_network_state(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: the file is missing or is not a checkpoint.
     """
+    if Path(path).is_dir():  # a run folder (runs/<experiment>/latest): its best weights (training.runs' layout,
+        path = Path(path) / "checkpoints" / "best.ckpt"  # which this layer may not import)
     state = read_checkpoint(
         path,
         "Transfer checkpoint",
-        missing_hint="Train phase 1 first (lightning-cnn fit --config configs/split_cifar10_phase1.yaml) or point "
-        "checkpoint_path at its .ckpt.",
-        unreadable_hint="Point checkpoint_path at a phase-1 run's best.ckpt or last.ckpt.",
+        missing_hint="Train the run whose backbone you want first (split CIFAR-10: lightning-cnn fit --config "
+        "split_cifar10_phase1) or point checkpoint_path at its run folder or .ckpt.",
+        unreadable_hint="Point checkpoint_path at a run folder or its best.ckpt or last.ckpt.",
     )
     return network_weights(state, path)
 
@@ -115,6 +117,12 @@ class TransferNet(BackboneHead):
         self.checkpoint_path = checkpoint_path
         if checkpoint_path is not None:
             state = load_backbone_state(checkpoint_path)
+            first = next(iter(state.values()))  # the first convolution's weight: (out, in, kh, kw)
+            if first.ndim == 4 and first.shape[1] != input_shape[0]:
+                raise CheckpointError(
+                    f"The backbone in {checkpoint_path} takes {first.shape[1]}-channel images, these have "
+                    f"{input_shape[0]} (data.channels): set data.channels {first.shape[1]} or use another backbone."
+                )
             try:
                 self.backbone.load_state_dict(state, strict=True)
             except RuntimeError as err:
