@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from lightning_cnn.data.paths import DataError
@@ -45,8 +45,9 @@ class PredictFolder(Dataset):
 
 
 def network_pixels(image: Image.Image, input_shape: tuple[int, int, int]) -> np.ndarray:
-    """An image as a network of ``input_shape`` ``(C, H, W)`` takes it: RGB (or gray for one channel), resized
-    bilinearly to ``(H, W)``; uint8 ``(H, W, C)``. ``predict`` and ``serve`` both convert images here."""
+    """An image as a network of ``input_shape`` ``(C, H, W)`` takes it: RGB (or gray for one channel), scaled
+    bilinearly until it covers ``(H, W)`` and centre-cropped to it (an image of that size is left as it is);
+    uint8 ``(H, W, C)``. Training on an image folder, ``predict`` and ``serve`` all convert images here."""
     channels, height, width = input_shape
-    converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
+    converted = ImageOps.fit(image.convert("L" if channels == 1 else "RGB"), (width, height), Image.Resampling.BILINEAR)
     return np.asarray(converted, dtype=np.uint8).reshape(height, width, channels)

@@ -277,11 +277,11 @@ def read_image_folder(folder: Path, channels: int, size: int) -> Dataset | None:
         arrays = [*_decode_split(train, channels, size), *_decode_split(test, channels, size)]
         for stale in cache.parent.glob(f"{prefix}-*.npz"):  # decodes of this folder's older contents
             stale.unlink(missing_ok=True)
-        _save_atomically(cache, dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays, strict=True)))
+        save_arrays(cache, dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays, strict=True)))
     splits = [Split(torch.from_numpy(x), torch.from_numpy(y)) for x, y in (arrays[:2], arrays[2:])]
     return Dataset(splits[0], splits[1], tuple(train.files), f"image folder {folder}")
 
 
-def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with contextlib.suppress(WriteError):  # no writable cache: the next run decodes again, slow but correct
         write_atomically(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
