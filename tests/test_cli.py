@@ -48,6 +48,10 @@ def test_every_config_fits_and_tests(config: str, fake_root: Path, phase1_checkp
     # phase 2 finds phase 1 through its latest pointer, as after `fit --config split_cifar10_phase1`
     (workdir / "runs/split_cifar10_phase1").mkdir(parents=True)
     (workdir / "runs/split_cifar10_phase1/latest").symlink_to(phase1_checkpoint.parents[1])
+    if config.startswith("imagefolder"):  # a folder of the user's own images; transfer from any run (phase 1's)
+        (workdir / "runs/cifar10_fast").mkdir(parents=True)
+        (workdir / "runs/cifar10_fast/latest").symlink_to(phase1_checkpoint.parents[1])
+        fake_root = fake_root / "cifar10"
     fit(config, fake_root)
     checkpoints = sorted((workdir / "runs" / config / "latest" / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in checkpoints][-1] == "last.ckpt"
