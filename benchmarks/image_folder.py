@@ -26,11 +26,12 @@ from lightning_cnn.data import ImageFolderDataModule
 def make_folder(root: Path, n: int, size: int = 64, classes: int = 10) -> None:
     """``n`` random JPEGs of ``size`` pixels in ``classes`` class folders, train/ and test/ (a tenth)."""
     rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        split = "test" if i % 10 == 0 else "train"
+        split = "test" if (i // classes) % 10 == 0 else "train"
         folder = root / split / f"class{i % classes}"
-        if i < 2 * classes * 10:
-            folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:07d}.jpg")
 
 
