@@ -198,6 +198,19 @@ def test_predict_and_serve_crop_the_centre_as_training_does() -> None:
     assert network_pixels(Image.fromarray(wide), (3, 10, 10)).min() > 200  # squashed, a third would be black
 
 
+def test_a_schedule_too_short_for_the_run_is_one_line(photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """A small folder and one epoch: 4 steps, whose one-cycle warm-up (25%) has none (torch divides by zero)."""
+    from lightning_cnn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "imagefolder", f"--data.data_dir={photos}", "--trainer.max_epochs=1",
+              "--data.batch_size=8", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "does not fit a run of 4 optimizer step(s)" in capsys.readouterr().err
+
+
 EXE = shutil.which("lightning-cnn")
 
 
@@ -217,7 +230,7 @@ def test_the_command_names_a_bad_image_and_exits_2(photos: Path, tmp_path: Path)
 def test_fit_then_transfer_onto_a_folder_through_the_command(tmp_path: Path) -> None:
     assert EXE is not None
     photos = make_photos(tmp_path / "photos")
-    quick = ["--trainer.max_epochs=1", "--data.batch_size=8", "--trainer.enable_progress_bar=false"]
+    quick = ["--trainer.max_epochs=2", "--data.batch_size=8", "--trainer.enable_progress_bar=false"]
     fit = subprocess.run([EXE, "fit", "--config", "imagefolder", f"--data.data_dir={photos}", *quick],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert fit.returncode == 0, fit.stderr[-2000:]

@@ -261,7 +261,13 @@ class ImageClassifier(L.LightningModule):
         if self.scheduler is None:
             return optimizer
         if _takes_total_steps(self.scheduler):
-            scheduler = self.scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)  # type: ignore[call-arg]
+            steps = self.trainer.estimated_stepping_batches
+            try:
+                scheduler = self.scheduler(optimizer, total_steps=steps)  # type: ignore[call-arg]
+            except (ZeroDivisionError, ValueError) as err:  # torch's one-cycle: a phase of zero steps
+                raise ConfigError(f"The learning-rate schedule does not fit a run of {steps} optimizer step(s) "
+                                  f"({type(err).__name__}: {err}). Train more steps (trainer.max_epochs, a "
+                                  "smaller data.batch_size) or change model.scheduler.") from err  # fmt: skip
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = self.scheduler(optimizer)
         if isinstance(scheduler, CosineAnnealingLR) and scheduler.follows_run:
