@@ -123,6 +123,30 @@ def test_the_decode_cache_is_used_and_a_changed_image_invalidates_it(
     assert dm.train_split is not None and dm.val_split is not None
 
 
+def test_a_damaged_cache_is_rebuilt_and_the_cifar_readers_cache_is_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from fakedata import make_image_folder
+
+    from lightning_cnn.data.sources import read_image_folder
+
+    root = make_image_folder(tmp_path / "cifar", per_class_train=3, per_class_test=2)
+    read_image_folder(root, channels=3, size=32)  # CIFAR10DataModule's reader of the same folder
+    first = _module(root, image_size=32)
+    first.setup()
+    decoded = Path(os.environ["LIGHTNING_CNN_CACHE"]) / "decoded"
+    (mine,) = decoded.glob("imagefolder-*.npz")
+    assert len(list(decoded.glob("*.npz"))) == 2  # neither reader removed the other's decode
+    data = bytearray(mine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    mine.write_bytes(bytes(data))
+    again = _module(root, image_size=32)
+    again.setup()
+    assert "is damaged" in capsys.readouterr().out
+    assert first.test_split is not None and again.test_split is not None
+    assert torch.equal(first.test_split.images, again.test_split.images)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def _fails(root: Path, match: str, **kwargs: object) -> str:
     with pytest.raises(DataError, match=match) as info:

@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from lightning_cnn.data.augment import AugmentParams
 from lightning_cnn.data.datamodules import ResidentDataModule, _check, _check_fraction, _interleaved
 from lightning_cnn.data.loader import ResidentBatches
-from lightning_cnn.data.paths import DataError, cache_dir
+from lightning_cnn.data.paths import DataError
 from lightning_cnn.data.predict import network_pixels
-from lightning_cnn.data.sources import IMAGE_SUFFIXES, Split, save_arrays
+from lightning_cnn.data.sources import IMAGE_SUFFIXES, Split, cached_arrays, decode_cache
 from lightning_cnn.files import write_atomically
 
 SPLITS = ("train", "val", "test")
@@ -363,31 +363,19 @@ class ImageFolderDataModule(ResidentDataModule):
         return hashlib.sha1(" ".join(parts).encode()).hexdigest()[:20]
 
     def _cache_path(self, listings: dict[str, Listing], suffix: str) -> Path:
-        prefix = f"{self.root.name}-{hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]}"
-        return cache_dir() / "decoded" / f"{prefix}-{self._cache_key(listings)}{suffix}"
+        return decode_cache(self.root, self._cache_key(listings), kind="imagefolder-", suffix=suffix)
 
     def _setup_resident(self, listings: dict[str, Listing]) -> None:
-        cache = self._cache_path(listings, ".npz")
-        arrays: dict[str, np.ndarray] = {}
-        if cache.is_file():
-            try:
-                with np.load(cache, allow_pickle=False) as stored:
-                    arrays = {k: stored[k] for k in stored.files}
-            except (OSError, ValueError, EOFError) as err:  # damaged: rebuilt, never trusted
-                print(f"ImageFolderDataModule: the decode cache {cache} is damaged ({type(err).__name__}); "
-                      "decoding again.")  # fmt: skip
-                arrays = {}
-        if not arrays:
-            skipped = 0
+        def decode() -> dict[str, np.ndarray]:
+            arrays, skipped = {}, 0
             for split, listing in listings.items():
                 images, labels, bad = decode_all(listing, self.input_shape, self.skip_bad)
                 arrays[f"{split}_x"], arrays[f"{split}_y"], skipped = images, labels, skipped + bad
             mean, std = channel_stats(arrays["train_x"])
-            arrays["stats"] = np.asarray([mean, std], dtype=np.float64)
-            arrays["skipped"] = np.asarray(skipped)
-            for stale in cache.parent.glob(f"{cache.name.rsplit('-', 1)[0]}-*.npz"):  # this folder's older decodes
-                stale.unlink(missing_ok=True)
-            save_arrays(cache, arrays)
+            return {**arrays, "stats": np.asarray([mean, std], dtype=np.float64), "skipped": np.asarray(skipped)}
+
+        required = [f"{s}_{k}" for s in listings for k in "xy"] + ["stats", "skipped"]
+        arrays = cached_arrays(self._cache_path(listings, ".npz"), required, decode)
         if int(arrays["skipped"]):
             print(f"ImageFolderDataModule: {int(arrays['skipped'])} image(s) that could not be decoded were left out "
                   "(data.skip_bad).")  # fmt: skip

@@ -19,6 +19,7 @@ import os
 import pickle
 import sys
 import zipfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,26 +261,45 @@ def read_image_folder(folder: Path, channels: int, size: int) -> Dataset | None:
             f"({', '.join(test.files)}) differ. Both splits need the same classes."
         )
     key = hashlib.sha1(f"v1 {channels} {size} {train.digest} {test.digest}".encode()).hexdigest()[:20]
-    prefix = f"{folder.name}-{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]}"
-    cache = cache_dir() / "decoded" / f"{prefix}-{key}.npz"
+    names = ("train_x", "train_y", "test_x", "test_y")
+
+    def decode() -> dict[str, np.ndarray]:
+        return dict(
+            zip(names, [*_decode_split(train, channels, size), *_decode_split(test, channels, size)], strict=True)
+        )
+
+    stored = cached_arrays(decode_cache(folder, key), names, decode)
+    arrays = [stored[name] for name in names]
+    splits = [Split(torch.from_numpy(x), torch.from_numpy(y)) for x, y in (arrays[:2], arrays[2:])]
+    return Dataset(splits[0], splits[1], tuple(train.files), f"image folder {folder}")
+
+
+def decode_cache(folder: Path, key: str, kind: str = "", suffix: str = ".npz") -> Path:
+    """Where the decode of image folder ``folder`` is cached: named after the folder (and the reader ``kind``),
+    ``key`` standing for its contents and the decoding settings."""
+    prefix = f"{kind}{folder.name}-{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]}"
+    return cache_dir() / "decoded" / f"{prefix}-{key}{suffix}"
+
+
+def cached_arrays(
+    cache: Path, required: Sequence[str], build: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """The arrays in ``cache`` (a :func:`decode_cache` file), or ``build()``'s, then cached; a damaged cache, or
+    one without every ``required`` array, is built again (one line says so), never trusted. Building removes
+    the older decodes of the same folder by the same reader (other contents or settings)."""
     if cache.is_file():
         try:
             # np.load reads the .npz through zipfile, which checks each member's CRC: a flipped bit fails here
             with np.load(cache, allow_pickle=False) as z:
-                arrays = [z[k] for k in ("train_x", "train_y", "test_x", "test_y")]
+                return {k: z[k] for k in (*required, *(f for f in z.files if f not in required))}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             print(f"lightning-cnn: the decode cache {cache} is damaged ({type(err).__name__}); decoding again.")
             cache.unlink(missing_ok=True)
-            arrays = []  # a damaged cache is rebuilt, never trusted
-    else:
-        arrays = []
-    if not arrays:
-        arrays = [*_decode_split(train, channels, size), *_decode_split(test, channels, size)]
-        for stale in cache.parent.glob(f"{prefix}-*.npz"):  # decodes of this folder's older contents
-            stale.unlink(missing_ok=True)
-        save_arrays(cache, dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays, strict=True)))
-    splits = [Split(torch.from_numpy(x), torch.from_numpy(y)) for x, y in (arrays[:2], arrays[2:])]
-    return Dataset(splits[0], splits[1], tuple(train.files), f"image folder {folder}")
+    arrays = build()
+    for stale in cache.parent.glob(f"{cache.name.rsplit('-', 1)[0]}-*{cache.suffix}"):  # prefix-key.npz
+        stale.unlink(missing_ok=True)
+    save_arrays(cache, arrays)
+    return arrays
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
