@@ -14,6 +14,12 @@ from lightning_cnn.errors import CheckpointError
 from lightning_cnn.files import write_atomically
 
 
+def first_mismatch(err: RuntimeError) -> str:
+    """The first line of what torch's ``load_state_dict(strict=True)`` found wrong (it lists every key on its own
+    line after a header), for a one-line message."""
+    return next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err)[:200])
+
+
 def read_checkpoint(path: str | Path, role: str, missing_hint: str, unreadable_hint: str) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` of a checkpoint file, which must hold a dict.
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lightning_cnn import __version__
-from lightning_cnn.checkpoints import read_checkpoint
+from lightning_cnn.checkpoints import first_mismatch, read_checkpoint
 from lightning_cnn.data.augment import Normalize
 from lightning_cnn.errors import CheckpointError, ConfigError, ParityError, require_extra
 from lightning_cnn.files import write_atomically
@@ -159,8 +159,9 @@ def load_trained(given: str | Path) -> TrainedModel:
     try:
         network.load_state_dict(network_weights(checkpoint, path), strict=True)
     except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err)[:200])
-        raise CheckpointError(f"--ckpt_path {path}: its weights do not fit its network ({first}).") from err
+        raise CheckpointError(
+            f"--ckpt_path {path}: its weights do not fit its network ({first_mismatch(err)})."
+        ) from err
     datamodule = _package_class(data.get("_class_path"), "lightning_cnn.data", path)
     init_args = hparams["network"].get("init_args", {})
     shape = tuple(init_args.get("input_shape") or datamodule.input_shape)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_cnn.checkpoints import read_checkpoint
+from lightning_cnn.checkpoints import first_mismatch, read_checkpoint
 from lightning_cnn.errors import CheckpointError
 from lightning_cnn.models.networks import CIFARCNN, BackboneHead, flat_features, mlp_head
 
@@ -127,7 +127,8 @@ class TransferNet(BackboneHead):
                 self.backbone.load_state_dict(state, strict=True)
             except RuntimeError as err:
                 raise CheckpointError(
-                    f"The backbone in {checkpoint_path} does not fit {type(base).__name__}'s backbone: {err}"
+                    f"The backbone in {checkpoint_path} does not fit {type(base).__name__}'s backbone "
+                    f"({first_mismatch(err)}). Use a backbone of the same network (model.network.init_args.base)."
                 ) from err
         self.head = mlp_head(flat_features(self.backbone, input_shape), (hidden_units, num_classes))
         if freeze_backbone:
