@@ -34,6 +34,7 @@ from lightning_cnn.checkpoints import first_mismatch, read_checkpoint
 from lightning_cnn.data.augment import Normalize
 from lightning_cnn.errors import CheckpointError, ConfigError, ParityError, require_extra
 from lightning_cnn.files import write_atomically
+from lightning_cnn.models.networks import averaged_logits
 from lightning_cnn.models.transfer import network_weights
 from lightning_cnn.training.runs import CHECKPOINTS, best_checkpoint, run_folder_of
 
@@ -55,6 +56,7 @@ class TrainedModel:
         mean: per-channel mean of the [0, 1] pixels, subtracted before the network.
         std: per-channel standard deviation divided by after that.
         flip_test_time: the run evaluated the mean logits of each image and its mirror image.
+        translate_test_time: and of the copies shifted by this many pixels (0: none).
         data: the DataModule's hyperparameters, for the test split.
         data_class: the DataModule's class.
         run: the checkpoint's run folder, if it lies in one.
@@ -67,6 +69,7 @@ class TrainedModel:
     mean: list[float]
     std: list[float]
     flip_test_time: bool
+    translate_test_time: int
     data: dict[str, Any]
     data_class: type
     run: Path | None
@@ -82,6 +85,7 @@ class TrainedModel:
             "mean": json.dumps(self.mean),
             "std": json.dumps(self.std),
             "flip_test_time": json.dumps(self.flip_test_time),
+            "translate_test_time": json.dumps(self.translate_test_time),
             "run": self.run.name if self.run else "",
             "experiment": self.run.parent.name if self.run else "",
             "checkpoint": self.checkpoint.name,
@@ -89,7 +93,7 @@ class TrainedModel:
         }
 
     def deployable(self) -> Deployed:
-        return Deployed(self.network, self.mean, self.std, self.flip_test_time).eval()
+        return Deployed(self.network, self.mean, self.std, self.flip_test_time, self.translate_test_time).eval()
 
     def example(self, batch: int = 2) -> torch.Tensor:
         channels, height, width = self.input_shape
@@ -101,14 +105,22 @@ class Deployed(nn.Module):
 
     Example:
         >>> from lightning_cnn.models import MNISTCNN
-        >>> deployed = Deployed(MNISTCNN(), mean=[0.5], std=[0.5], flip_test_time=False)
+        >>> deployed = Deployed(MNISTCNN(), mean=[0.5], std=[0.5])
         >>> [t.shape for t in deployed(torch.zeros(3, 28, 28, 1, dtype=torch.uint8))]
         [torch.Size([3, 10]), torch.Size([3, 10])]
     """
 
-    def __init__(self, network: nn.Module, mean: list[float], std: list[float], flip_test_time: bool) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        mean: list[float],
+        std: list[float],
+        flip_test_time: bool = False,
+        translate_test_time: int = 0,
+    ) -> None:
         super().__init__()
-        self.network, self.flip_test_time = network.eval(), flip_test_time
+        self.network = network.eval()
+        self.flip_test_time, self.translate_test_time = flip_test_time, translate_test_time
         normalize = Normalize(mean, std)  # the training pipeline's own scaling, as buffers of the graph
         self.scale: torch.Tensor
         self.shift: torch.Tensor
@@ -117,9 +129,7 @@ class Deployed(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.addcmul(self.shift, images.permute(0, 3, 1, 2).float(), self.scale)
-        logits = self.network(x)
-        if self.flip_test_time:
-            logits = (logits + self.network(x.flip(-1))) / 2
+        logits = averaged_logits(self.network, x, self.flip_test_time, self.translate_test_time)
         return logits, logits.softmax(dim=1)
 
 
@@ -175,6 +185,7 @@ def load_trained(given: str | Path) -> TrainedModel:
         mean=[float(m) for m in mean] * (channels // len(mean)),
         std=[float(s) for s in std] * (channels // len(std)),
         flip_test_time=bool(hparams.get("flip_test_time", False)),
+        translate_test_time=int(hparams.get("translate_test_time", 0)),
         data=data,
         data_class=datamodule,
         run=run_folder_of(path.resolve()),
@@ -305,7 +316,12 @@ def check_parity(model: TrainedModel, run_exported: Callable[[np.ndarray], np.nd
     from lightning_cnn.models import ImageClassifier
 
     datamodule = evaluation_data(model, data_dir)
-    classifier = ImageClassifier(model.network, class_names=model.class_names, flip_test_time=model.flip_test_time)
+    classifier = ImageClassifier(
+        model.network,
+        class_names=model.class_names,
+        flip_test_time=model.flip_test_time,
+        translate_test_time=model.translate_test_time,
+    )
     agree = exported_right = eager_right = total = 0
     worst = 0.0
     with torch.inference_mode():

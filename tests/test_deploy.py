@@ -56,10 +56,13 @@ def runs(fake_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     class Runs(dict):  # type: ignore[type-arg]
         def __missing__(self, config: str) -> Path:
             extra = []
+            if config == TTA:  # the MNIST network evaluated over mirrored and shifted views
+                extra = ["--model.flip_test_time=true", "--model.translate_test_time=1"]
             if config == "split_cifar10_phase2_transfer":
                 phase1 = self["split_cifar10_phase1"] / "checkpoints/best.ckpt"
                 extra = [f"--model.network.init_args.checkpoint_path={phase1}"]
-            main(["fit", "--config", str(CONFIG_DIR / f"{config}.yaml"), f"--data.data_dir={fake_root}", *FIT,
+            shipped = CONFIG_DIR / f"{config.removesuffix('_tta')}.yaml"
+            main(["fit", "--config", str(shipped), f"--data.data_dir={fake_root}", *FIT,
                   f"--trainer.default_root_dir={out / config}", *extra])  # fmt: skip
             self[config] = (out / config / "latest").resolve()
             return self[config]
@@ -67,8 +70,10 @@ def runs(fake_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield Runs(trained)
 
 
+TTA = "mnist_tta"
 NETWORKS = [
     "mnist",  # MNIST CNN
+    TTA,  # MNIST CNN, test-time views: mirrored and shifted by a pixel
     "split_cifar10_phase2_transfer",  # a frozen phase-1 backbone under a new head
     pytest.param("cifar10_fast", marks=pytest.mark.slow),  # CIFAR CNN, He init, flip averaging at test time
     pytest.param("cifar10_dropout", marks=pytest.mark.slow),  # CIFAR CNN with dropout
@@ -83,20 +88,24 @@ def test_the_exported_model_computes_what_the_checkpoint_computes(
     output, parity = export.export(run, verify=True)
     assert output == run / "export" / "model.onnx" and output.is_file()
     assert parity is not None and parity.holds, parity.report()
-    test_images = {"mnist": 32, "split_cifar10_phase2_transfer": 10}.get(config, 20)  # the whole fake test split
+    test_images = {"mnist": 32, TTA: 32, "split_cifar10_phase2_transfer": 10}.get(
+        config, 20
+    )  # the whole fake test split
     assert parity.images == test_images and parity.agreement == 1.0 and parity.max_difference <= 1e-4
     summary = json.loads((run / "summary.json").read_text())
     assert parity.run_accuracy == pytest.approx(summary["test"]["test/acc"])  # compared: fp32 run, its best.ckpt
     model = export.load_trained(run)
-    assert model.flip_test_time == (config == "cifar10_fast")
+    assert model.flip_test_time == (config in ("cifar10_fast", TTA))
+    assert model.translate_test_time == (1 if config in ("cifar10_fast", TTA) else 0)
     # what a deployer reads
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(output))
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["class_names"]) == summary_class_names(run)
-    assert json.loads(meta["input_shape"]) == [28, 28, 1] if config == "mnist" else [32, 32, 3]
+    assert json.loads(meta["input_shape"]) == [28, 28, 1] if config.startswith("mnist") else [32, 32, 3]
     assert meta["run"] == run.name and meta["experiment"] == config
+    assert json.loads(meta["translate_test_time"]) == model.translate_test_time
     (images,) = session.get_inputs()
     assert images.type == "tensor(uint8)" and isinstance(images.shape[0], str)  # any batch size
     for batch in (1, 7):

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_cnn.errors import ConfigError
 from lightning_cnn.models.metrics import classification_metrics, confusion_matrix, scalar_figures
+from lightning_cnn.models.networks import averaged_logits
 from lightning_cnn.models.schedulers import CosineAnnealingLR
 
 EVAL_STAGES = ("val", "test")
@@ -79,6 +80,9 @@ class ImageClassifier(L.LightningModule):
         flip_test_time: in validation, test and predict, average the logits of each image and its mirror
             image (horizontal flip, as the training augmentation does): a cheap gain for flip-augmented
             training, at twice the evaluation compute.
+        translate_test_time: also average the views shifted by this many pixels down-right and up-left
+            (mirrored too with ``flip_test_time``; see :func:`averaged_logits`); 0 for none. The crop
+            augmentation trains on such shifts; it gains on CIFAR-10 (docs/results.md) at 3x the evaluation.
 
     Example:
         >>> from lightning_cnn.models import MNISTCNN
@@ -97,11 +101,14 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool = False,
         compile: bool | None = None,
         flip_test_time: bool = False,
+        translate_test_time: int = 0,
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if not 0 <= translate_test_time <= 4:
+            raise ConfigError(f"translate_test_time is a shift in pixels, 0 to 4, got {translate_test_time}")
         # Checkpoints must load with torch.load(weights_only=True): keep plain values only. Under LightningCLI
         # the network and optimizer arrive here as their class_path/init_args config, which is plain; from
         # Python they are objects, which are dropped (the network's weights are in the state dict anyway).
@@ -113,6 +120,7 @@ class ImageClassifier(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.channels_last, self.compile_network = channels_last, compile
         self.label_smoothing, self.flip_test_time = label_smoothing, flip_test_time
+        self.translate_test_time = translate_test_time
         self.num_classes = _class_count(num_classes, class_names)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
         self.train_acc = MulticlassAccuracy(self.num_classes)
@@ -207,11 +215,8 @@ class ImageClassifier(L.LightningModule):
         )
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits validation, test and predict judge by (``flip_test_time``: averaged with the mirror's)."""
-        logits = self(x)
-        if self.flip_test_time:
-            logits = (logits + self(x.flip(-1))) / 2
-        return logits
+        """The logits validation, test and predict judge by: averaged over the test-time views, if any."""
+        return averaged_logits(self, x, self.flip_test_time, self.translate_test_time)
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch

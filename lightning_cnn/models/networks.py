@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_cnn.errors import ConfigError
@@ -50,6 +51,32 @@ def flat_features(backbone: nn.Module, input_shape: Sequence[int]) -> int:
         first = str(err).splitlines()[0]
         raise ConfigError(f"Images of shape {tuple(input_shape)} (C, H, W) do not fit this network ({first}); "
                           "use larger images (data.image_size) or the channels it was built for.") from err  # fmt: skip
+
+
+def averaged_logits(network: nn.Module, x: torch.Tensor, flip: bool = False, translate: int = 0) -> torch.Tensor:
+    """The mean logits of ``x``'s test-time views: itself, its mirror image (``flip``) and, with ``translate``
+    pixels, copies shifted that far down-right and up-left (reflect-padded), each also mirrored with ``flip``.
+
+    The views follow the training augmentation (random crops of a padded image, mirroring), so the network has
+    seen such images; averaging their logits is a cheap gain at that many times the evaluation compute.
+    The exported graph calls this too, so an exported model evaluates as the run did.
+
+    Example:
+        >>> net = nn.Conv2d(1, 1, 1)
+        >>> averaged_logits(net, torch.zeros(2, 1, 4, 4), flip=True, translate=1).shape
+        torch.Size([2, 1, 4, 4])
+    """
+    views = [x]
+    if translate:
+        t = translate
+        padded = F.pad(x, (t, t, t, t), mode="reflect")
+        views += [padded[..., : -2 * t, : -2 * t], padded[..., 2 * t :, 2 * t :]]
+    if flip:
+        views += [view.flip(-1) for view in views]
+    logits = network(views[0])
+    for view in views[1:]:
+        logits = logits + network(view)
+    return logits / len(views)
 
 
 Init = Literal["pytorch", "keras", "he"]
