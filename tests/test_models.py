@@ -284,3 +284,76 @@ def test_the_module_and_datamodule_work_in_every_order_lightning_allows(tmp_path
     fitting.test(model, dm)
     trainer().fit(model, dm)
     assert 0.0 <= baseline <= 1.0 and "test/acc" in fitting.callback_metrics
+
+
+def test_translate_test_time_averages_the_views_shifted_down_right_and_up_left() -> None:
+    x = torch.rand(2, 1, 6, 6)
+    model = ImageClassifier(nn.Flatten(), num_classes=36, translate_test_time=1)
+    views = model.eval_logits(x).view(2, 6, 6)
+    # inside the border each output mixes the pixel, its upper-left and its lower-right neighbour
+    torch.testing.assert_close(views[:, 2:4, 2:4], (x[:, 0, 2:4, 2:4] + x[:, 0, 1:3, 1:3] + x[:, 0, 3:5, 3:5]) / 3)
+    # with the mirror too: six views, and a constant image is seen the same in each
+    both = ImageClassifier(nn.Flatten(), num_classes=36, flip_test_time=True, translate_test_time=1)
+    torch.testing.assert_close(both.eval_logits(torch.full((1, 1, 6, 6), 0.5)), torch.full((1, 36), 0.5))
+    for bad in (-1, 5):
+        with pytest.raises(ConfigError, match="translate_test_time"):
+            ImageClassifier(nn.Flatten(), num_classes=36, translate_test_time=bad)
+
+
+def _smooth_images(n: int, size: int = 20) -> torch.Tensor:
+    """Images whose neighbouring pixels and channels correlate, as photographs' do."""
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = x + x.roll(1, 1)  # channels share signal
+    return nn.functional.avg_pool2d(x, 3, stride=1, padding=1) * 3
+
+
+def test_whitening_makes_the_first_filters_decorrelate_the_patches() -> None:
+    from lightning_cnn.models.whitening import patch_covariance, whiten_conv_
+
+    conv = nn.Conv2d(3, 64, 3)
+    before = conv.weight[54:].detach().clone()
+    images = _smooth_images(64)
+    covariance = patch_covariance(conv, images)
+    assert whiten_conv_(conv, covariance, eps=1e-8) == 27  # 3x3x3 values per patch
+    filters = conv.weight[:27].detach().double().flatten(1)
+    torch.testing.assert_close(filters @ covariance @ filters.T, torch.eye(27, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(conv.weight[27:54], -conv.weight[:27])  # both signs pass the ReLU
+    torch.testing.assert_close(conv.weight[54:], before)  # the rest keep their initialisation
+    assert not conv.bias[:54].any()
+    few = nn.Conv2d(3, 8, 3)  # fewer filters than directions: the 4 of most variance
+    assert whiten_conv_(few, covariance) == 4
+
+
+def test_whiten_first_conv_whitens_a_new_run_once_and_refuses_a_frozen_layer(tmp_path: Path) -> None:
+    from lightning_cnn.models import WhitenFirstConv
+    from lightning_cnn.models.whitening import patch_covariance, whiten_conv_
+
+    images, labels = _smooth_images(16, size=32), torch.randint(0, 10, (16,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True, generator=torch.Generator())
+
+    def fit(epochs: int, ckpt: Path | None = None) -> ImageClassifier:
+        torch.manual_seed(0)
+        model = ImageClassifier(CIFARCNN(), num_classes=10,
+                                optimizer=lambda p: torch.optim.SGD(p, lr=0.0))  # fmt: skip
+        trainer = L.Trainer(max_epochs=epochs, callbacks=[WhitenFirstConv()], logger=False, enable_progress_bar=False,
+                            enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+        loader.generator.manual_seed(epochs)  # type: ignore[union-attr]
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        trainer.save_checkpoint(tmp_path / f"e{epochs}.ckpt")
+        return model
+
+    first_batch = next(iter(DataLoader(TensorDataset(images, labels), batch_size=8, shuffle=True,
+                                       generator=torch.Generator().manual_seed(1))))[0]  # fmt: skip
+    whitened = fit(1).network.backbone[0].weight.detach().clone()  # lr 0: the weights the callback set
+    reference = nn.Conv2d(3, 64, 3)
+    whiten_conv_(reference, patch_covariance(reference, first_batch))
+    torch.testing.assert_close(whitened[:54], reference.weight[:54].detach())  # from the batch the network saw first
+    # resumed at the next epoch (another first batch): the checkpoint's weights stay
+    resumed = fit(2, tmp_path / "e1.ckpt")
+    torch.testing.assert_close(resumed.network.backbone[0].weight.detach(), whitened)
+
+    frozen = ImageClassifier(CIFARCNN(), num_classes=10)
+    frozen.network.backbone[0].weight.requires_grad_(False)
+    trainer = L.Trainer(max_steps=1, callbacks=[WhitenFirstConv()], logger=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="frozen"):
+        trainer.fit(frozen, loader)
