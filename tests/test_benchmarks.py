@@ -82,3 +82,20 @@ def test_step_phases_splits_every_step_of_the_bare_loop_and_of_fit(
          "--trainer.callbacks+=step_phases.PhaseTimer"])  # fmt: skip
     timed = json.loads((tmp_path / "phases.json").read_text())
     assert len(timed) == len(PHASES) and all(ms >= 0 for ms in timed) and WARM_UP > 3  # fewer steps: all kept
+
+
+@pytest.mark.slow
+def test_the_recipe_ablation_trains_each_variant_once_and_evaluates_as_the_run_tested(tmp_path: Path) -> None:
+    from fakedata import make_image_folder
+    from recipe_ablation import evaluate, train
+
+    data = tmp_path / "data"
+    make_image_folder(data / "cifar10", per_class_train=4, per_class_test=2)
+    small = {"data.init_args.batch_size": 8, "data.init_args.eval_batch_size": 8}
+    first = train(tmp_path / "out", "whiten", 1, 0, str(data), **small)
+    again = train(tmp_path / "out", "whiten", 1, 0, str(data), **small)  # finished: read, not trained again
+    assert first.folder == again.folder and first.summary == again.summary
+    figures = evaluate(first, str(data))
+    # the shipped recipe tests with the mirror and one-pixel shifts: the ablation's evaluation of them is the run's
+    assert figures["flip+shift1"] == pytest.approx(first.test("test/acc"))
+    assert set(figures) == {"plain", "flip", "flip+shift1", "flip+shift2"}

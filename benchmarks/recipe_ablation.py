@@ -1,0 +1,120 @@
+"""The fast CIFAR-10 recipe's levers, one row each: train each variant of ``cifar10_fast`` and test it.
+
+Every (variant, seed) trains through the package's Python run API (:func:`lightning_cnn.launch.fit`, as
+``lightning-cnn fit`` does) into ``--out``; a run already finished there is read, not trained again, so the
+command can be stopped and rerun, and the final table built from runs trained on other days. Each finished
+run is then evaluated on the test split under each test-time augmentation (the views averaged: plain, the
+mirror image, and the mirror with 1- or 2-pixel shifts), which needs no retraining. Prints one Markdown
+row per variant and evaluation: test accuracy per seed, mean, minimum, and training seconds (not a speed
+figure while other work shares the cores; time ratios come from ``train_throughput.py``). Usage::
+
+    python benchmarks/recipe_ablation.py --data-dir ../shared/data --out ablation --epochs 13 --seeds 1 \\
+        --variants base whiten whiten_ema
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+from lightning_cnn import launch
+from lightning_cnn.export import evaluation_data, load_trained
+from lightning_cnn.models import WhitenFirstConv
+from lightning_cnn.models.networks import averaged_logits
+from lightning_cnn.reporting.record import RunRecord, markdown_table
+from lightning_cnn.training.runs import best_checkpoint
+
+# variant -> the callbacks it trains cifar10_fast with, in place of the config's (a new object each run).
+# "whiten" is the shipped recipe; "base" is it without the first layer's whitening.
+VARIANTS: dict[str, Callable[[], list[Any]]] = {
+    "base": list,
+    "whiten": lambda: [WhitenFirstConv()],
+    "whiten_ema": lambda: [WhitenFirstConv(), EMAWeightAveraging(decay=0.999)],
+}
+# name -> (flip, translate pixels) of the test-time views
+EVALUATIONS = {"plain": (False, 0), "flip": (True, 0), "flip+shift1": (True, 1), "flip+shift2": (True, 2)}
+
+
+def train(out: Path, variant: str, epochs: int, seed: int, data_dir: str, **settings: Any) -> RunRecord:
+    """Train (or read, when finished; or resume) one variant's run; ``settings``: more dotted overrides."""
+    experiment = out / "runs" / "cifar10_fast"
+    run_id = f"{variant}-e{epochs}-s{seed}"
+    folder = experiment / run_id
+    if (folder / "summary.json").is_file():
+        record = RunRecord.read(folder)
+        if record.finished:
+            return record
+    overrides = {
+        "seed_everything": seed,
+        "trainer.max_epochs": epochs,
+        "trainer.check_val_every_n_epoch": epochs,
+        "trainer.default_root_dir": str(experiment),
+        "data.init_args.data_dir": data_dir,
+        "trainer.logger": False,
+        "trainer.callbacks": [],  # the config's (WhitenFirstConv): each variant names its own
+        **settings,
+    }
+    if any((folder / "checkpoints").glob("last*.ckpt")):
+        overrides["ckpt_path"] = str(folder)
+    else:
+        overrides["run_id"] = run_id
+    return launch.fit("cifar10_fast", overrides, callbacks=VARIANTS[variant]())
+
+
+def evaluate(record: RunRecord, data_dir: str) -> dict[str, float]:
+    """Test accuracy of the run's best checkpoint under each of :data:`EVALUATIONS`."""
+    assert record.folder is not None
+    model = load_trained(best_checkpoint(record.folder))
+    datamodule = evaluation_data(model, data_dir)
+    right = dict.fromkeys(EVALUATIONS, 0)
+    total = 0
+    network = model.network.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for images, labels in datamodule.test_dataloader():
+            x = datamodule.normalize(images).contiguous(memory_format=torch.channels_last)
+            for name, (flip, shift) in EVALUATIONS.items():
+                right[name] += int((averaged_logits(network, x, flip, shift).argmax(1) == labels).sum())
+            total += len(labels)
+    return {name: count / total for name, count in right.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--out", type=Path, default=Path("ablation"))
+    parser.add_argument("--epochs", type=int, nargs="+", default=[13])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["base", "whiten"])
+    parser.add_argument("--train-only", action="store_true", help="train the runs, skip the evaluation table")
+    args = parser.parse_args()
+    data_dir = str(Path(args.data_dir).resolve())
+    rows = []
+    for variant in args.variants:
+        for epochs in args.epochs:
+            records = [train(args.out, variant, epochs, seed, data_dir) for seed in args.seeds]
+            if args.train_only:
+                continue
+            figures = [evaluate(record, data_dir) for record in records]
+            seconds = [float(r.summary.get("train_seconds", float("nan"))) for r in records]
+            for name in EVALUATIONS:
+                accuracies = [f[name] for f in figures]
+                rows.append([
+                    variant, str(epochs), name,
+                    ", ".join(f"{a:.2%}" for a in accuracies),
+                    f"{statistics.mean(accuracies):.2%}", f"{min(accuracies):.2%}",
+                    ", ".join(f"{s:,.0f}" for s in seconds),
+                ])  # fmt: skip
+    if rows:
+        seeds = ", ".join(map(str, args.seeds))
+        header = ["variant", "epochs", "test-time views", f"test acc (seeds {seeds})", "mean", "min", "train s"]
+        print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
