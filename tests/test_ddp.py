@@ -119,6 +119,22 @@ def test_torchrun_two_processes(cifar: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_the_fast_recipe_whitens_its_first_layer_under_torchrun(cifar: Path, tmp_path: Path) -> None:
+    # the ranks average their patch covariances (a collective call in the first batch): none may wait for another
+    runs = tmp_path / "runs"
+    fast = [a if a != "cifar10_base" else "cifar10_fast" for a in ARGS]
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "lightning_cnn", "fit", *fast,
+               "--trainer.devices=2", "--trainer.strategy=ddp", f"--data.data_dir={cifar}",
+               f"--trainer.default_root_dir={runs}", "--data.eval_batch_size=4"]  # fmt: skip
+    _launch([command], tmp_path)
+    logs = "".join(path.read_text() for path in tmp_path.glob("out-*.log"))
+    assert logs.count("WhitenFirstConv: 54 of 64 first-layer filters") == 1  # said once, by rank 0
+    (run,) = [p for p in runs.iterdir() if not p.is_symlink()]
+    assert json.loads((run / "summary.json").read_text())["test"]["test/acc"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 def test_two_nodes_on_one_machine(cifar: Path, tmp_path: Path) -> None:
     runs, port = tmp_path / "runs", free_port()
     commands = [
