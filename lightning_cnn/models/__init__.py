@@ -1,4 +1,4 @@
-"""Models: plain networks (:mod:`.networks`, :mod:`.transfer`) the LightningModule that trains them and the
+"""Models: plain networks (:mod:`.networks`, :mod:`.transfer`), the LightningModule that trains them and the
 first-layer whitening (:mod:`.whitening`)."""
 
 from lightning_cnn.models.classifier import ImageClassifier

@@ -1,10 +1,12 @@
 """Patch-whitening initialisation of a network's first convolution from the images it trains on.
 
 The first layer of an image network mostly learns edge and colour detectors that decorrelate its input
-patches; starting it there saves the epochs it takes to learn them. Fast CIFAR-10 recipes (Keller Jordan's
-airbench) set the first convolution's filters to the eigenvectors of the training patches' covariance, scaled
-by one over the square root of their eigenvalues, each with its negative so that a ReLU lets both signs
-through. Here it is a callback, so any config whose network starts with a trainable convolution can use it::
+patches; starting it there is meant to save the epochs it takes to learn them. Fast CIFAR-10 recipes
+(Keller Jordan's airbench, a BatchNorm network) set the first convolution's filters to the eigenvectors of
+the training patches' covariance, scaled by one over the square root of their eigenvalues, each with its
+negative so that a ReLU lets both signs through. On the assignment's CIFAR CNN (no BatchNorm, the layer
+trained on) no gain was measurable at 13 epochs (docs/results.md). Here it is a callback, so any config
+whose network starts with a trainable convolution can use it::
 
     trainer:
       callbacks:
