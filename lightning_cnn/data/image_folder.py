@@ -19,7 +19,6 @@ import sys
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from lightning_cnn.data.datamodules import ResidentDataModule, _check, _check_fr
 from lightning_cnn.data.loader import ResidentBatches
 from lightning_cnn.data.paths import DataError
 from lightning_cnn.data.predict import network_pixels
-from lightning_cnn.data.sources import IMAGE_SUFFIXES, Split, cached_arrays, decode_cache
+from lightning_cnn.data.sources import IMAGE_SUFFIXES, Split, cached_arrays, decode_cache, decode_each
 from lightning_cnn.files import write_atomically
 
 SPLITS = ("train", "val", "test")
@@ -134,20 +133,8 @@ def load_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def decode_all(listing: Listing, shape: tuple[int, int, int], skip_bad: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every image of a split, decoded in threads (Pillow releases the GIL); returns images, labels, skipped."""
-    images = np.empty((len(listing), *shape), dtype=np.uint8)
-    good = np.ones(len(listing), dtype=bool)
-
-    def work(i: int) -> None:
-        try:
-            images[i] = load_image(listing.paths[i], shape)
-        except DataError:
-            if not skip_bad:
-                raise
-            good[i] = False
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(work, range(len(listing)), chunksize=256))
+    """Every image of a split, decoded in threads (:func:`decode_each`); returns images, labels, skipped."""
+    images, good = decode_each(listing.paths, shape, lambda path: load_image(path, shape), skip_bad)
     skipped = int((~good).sum())
     if skipped:
         return images[good], listing.labels[good], skipped

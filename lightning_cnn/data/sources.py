@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,19 +235,34 @@ def _decode(path: Path, mode: str, size: int) -> np.ndarray:
     return pixels
 
 
+def decode_each(
+    paths: Sequence[Any], shape: tuple[int, ...], decode: Callable[[Any], np.ndarray], skip_bad: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``decode(path)`` of every path into one uint8 array ``(N, *shape)``, in threads (Pillow releases the GIL
+    while decoding, so they use every core); returns it and which paths decoded (all of them unless ``skip_bad``
+    leaves out those that raise :class:`DataError`; their rows stay uninitialised)."""
+    images = np.empty((len(paths), *shape), dtype=np.uint8)
+    good = np.ones(len(paths), dtype=bool)
+
+    def work(i: int) -> None:
+        try:
+            images[i] = decode(paths[i])
+        except DataError:
+            if not skip_bad:
+                raise
+            good[i] = False
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(work, range(len(paths)), chunksize=256))
+    return images, good
+
+
 def _decode_split(listing: _Listing, channels: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     paths = [Path(f) for files in listing.files.values() for f in files]
     counts = [len(files) for files in listing.files.values()]
     labels = np.concatenate([np.full(n, i, dtype=np.int64) for i, n in enumerate(counts)])
-    images = np.empty((len(paths), size, size, channels), dtype=np.uint8)
     mode = "L" if channels == 1 else "RGB"
-
-    def work(i: int) -> None:
-        images[i] = _decode(paths[i], mode, size).reshape(size, size, channels)
-
-    # PIL releases the GIL while decoding, so threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(work, range(len(paths)), chunksize=256))
+    images, _ = decode_each(paths, (size, size, channels), lambda p: _decode(p, mode, size).reshape(size, size, -1))
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels
 
 
