@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from lightning_cnn.export import evaluation_data, load_trained
 from lightning_cnn.models import WhitenFirstConv
 from lightning_cnn.models.networks import averaged_logits
 from lightning_cnn.reporting.record import RunRecord, markdown_table
+from lightning_cnn.study import Step, run_step
 from lightning_cnn.training.runs import best_checkpoint
 
 # variant -> the callbacks it trains cifar10_fast with, in place of the config's (a new object each run).
@@ -42,29 +43,21 @@ EVALUATIONS = {"plain": (False, 0), "flip": (True, 0), "flip+shift1": (True, 1),
 
 
 def train(out: Path, variant: str, epochs: int, seed: int, data_dir: str, **settings: Any) -> RunRecord:
-    """Train (or read, when finished; or resume) one variant's run; ``settings``: more dotted overrides."""
-    experiment = out / "runs" / "cifar10_fast"
-    run_id = f"{variant}-e{epochs}-s{seed}"
-    folder = experiment / run_id
-    if (folder / "summary.json").is_file():
-        record = RunRecord.read(folder)
-        if record.finished:
-            return record
-    overrides = {
-        "seed_everything": seed,
+    """Train one variant's run as a study's step (read when finished, resumed when interrupted: the study's own
+    :func:`~lightning_cnn.study.run_step`); ``settings``: more dotted overrides."""
+    recipe = {
         "trainer.max_epochs": epochs,
         "trainer.check_val_every_n_epoch": epochs,
-        "trainer.default_root_dir": str(experiment),
         "data.init_args.data_dir": data_dir,
         "trainer.logger": False,
         "trainer.callbacks": [],  # the config's (WhitenFirstConv): each variant names its own
         **settings,
     }
-    if any((folder / "checkpoints").glob("last*.ckpt")):
-        overrides["ckpt_path"] = str(folder)
-    else:
-        overrides["run_id"] = run_id
-    return launch.fit("cifar10_fast", overrides, callbacks=VARIANTS[variant]())
+
+    def fit(config: str, overrides: Mapping[str, Any], args: Sequence[str], group: str) -> RunRecord:
+        return launch.fit(config, {**overrides, **recipe}, args, group, callbacks=VARIANTS[variant]())
+
+    return run_step(Step(f"{variant}-e{epochs}", "cifar10_fast", seed), out, out.name, None, (), fit)
 
 
 def evaluate(record: RunRecord, data_dir: str) -> dict[str, float]:
