@@ -75,7 +75,7 @@ NETWORKS = [
     "mnist",  # MNIST CNN
     TTA,  # MNIST CNN, test-time views: mirrored and shifted by a pixel
     "split_cifar10_phase2_transfer",  # a frozen phase-1 backbone under a new head
-    pytest.param("cifar10_fast", marks=pytest.mark.slow),  # CIFAR CNN, He init, flip averaging at test time
+    pytest.param("cifar10_fast", marks=pytest.mark.slow),  # CIFAR CNN, mirror and 1-pixel shifts at test time
     pytest.param("cifar10_dropout", marks=pytest.mark.slow),  # CIFAR CNN with dropout
 ]
 
@@ -88,9 +88,8 @@ def test_the_exported_model_computes_what_the_checkpoint_computes(
     output, parity = export.export(run, verify=True)
     assert output == run / "export" / "model.onnx" and output.is_file()
     assert parity is not None and parity.holds, parity.report()
-    test_images = {"mnist": 32, TTA: 32, "split_cifar10_phase2_transfer": 10}.get(
-        config, 20
-    )  # the whole fake test split
+    # the whole fake test split
+    test_images = {"mnist": 32, TTA: 32, "split_cifar10_phase2_transfer": 10}.get(config, 20)
     assert parity.images == test_images and parity.agreement == 1.0 and parity.max_difference <= 1e-4
     summary = json.loads((run / "summary.json").read_text())
     assert parity.run_accuracy == pytest.approx(summary["test"]["test/acc"])  # compared: fp32 run, its best.ckpt
