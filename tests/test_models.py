@@ -30,6 +30,25 @@ def test_cifar_cnn_is_the_assignments_architecture() -> None:
     assert not any(isinstance(m, nn.Dropout) for m in net.modules())
 
 
+@pytest.mark.parametrize("network", [CIFARCNN, MNISTCNN])
+def test_backbone_pools_before_relu_yet_computes_the_assignments_conv_relu_pool(network: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    net = network(init="he")
+    assignment = nn.Sequential(*[
+        nn.Sequential(m, nn.ReLU(), nn.MaxPool2d(2)) if isinstance(m, nn.Conv2d) else nn.Identity()
+        for m in net.backbone if isinstance(m, nn.Conv2d | nn.Flatten)
+    ])  # fmt: skip
+    kinds = [type(m).__name__ for m in net.backbone][:3]
+    assert kinds == ["Conv2d", "MaxPool2d", "ReLU"]  # the order that saves the work; the same function:
+    x = torch.randn(4, 3, 32, 32) if network is CIFARCNN else torch.randn(4, 1, 28, 28)
+    ours = net.head(net.backbone(x))
+    theirs = net.head(assignment(x).flatten(1))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    grads = [torch.autograd.grad(y.square().sum(), list(net.parameters())) for y in (ours, theirs)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_dropout_cnn_puts_dropout_before_each_linear_layer() -> None:
     kinds = [type(m).__name__ for m in CIFARCNNDropout().head]
     assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
