@@ -92,9 +92,10 @@ def test_the_recipe_ablation_trains_each_variant_once_and_evaluates_as_the_run_t
     data = tmp_path / "data"
     make_image_folder(data / "cifar10", per_class_train=4, per_class_test=2)
     small = {"data.init_args.batch_size": 8, "data.init_args.eval_batch_size": 8}
-    first = train(tmp_path / "out", "whiten", 1, 0, str(data), **small)
-    again = train(tmp_path / "out", "whiten", 1, 0, str(data), **small)  # finished: read, not trained again
+    first = train(tmp_path / "out", "pad2", 1, 0, str(data), **small)
+    again = train(tmp_path / "out", "pad2", 1, 0, str(data), **small)  # finished: read, not trained again
     assert first.folder == again.folder and first.summary == again.summary
+    assert first.folder is not None and "pad: 2" in (first.folder / "config.yaml").read_text()  # its override
     figures = evaluate(first, str(data))
     # the shipped recipe tests with the mirror and one-pixel shifts: the ablation's evaluation of them is the run's
     assert figures["flip+shift1"] == pytest.approx(first.test("test/acc"))
