@@ -97,6 +97,7 @@ def _check_one_run(runs: Path, cifar: Path) -> None:
         assert ddp_test[key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.slow  # the other DDP tests are slow too: processes started, 40 s on two cores
 def test_lightning_spawns_two_processes_with_the_shipped_wandb_logger(cifar: Path, tmp_path: Path) -> None:
     # The shipped config with its W&B logger hung here before: rank 0 alone made a collective call.
     assert EXE is not None

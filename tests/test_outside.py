@@ -171,9 +171,9 @@ by_precision:  # whatever precision this machine picks, the recipe applies
 """
 
 
+@pytest.mark.slow  # two processes (30 s); test_hardware holds the same rule in process
 @pytest.mark.parametrize(
-    ("base", "batch_key"),
-    [("mnist", "data.init_args.batch_size"), pytest.param("cifar10_fast", "data.batch_size", marks=pytest.mark.slow)],
+    ("base", "batch_key"), [("mnist", "data.init_args.batch_size"), ("cifar10_fast", "data.batch_size")]
 )
 def test_a_later_config_wins_over_an_earlier_configs_precision_recipe(
     data: Path, cwd: Path, base: str, batch_key: str
