@@ -33,10 +33,10 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "cifar10", per_class_train=8, per_class_test=2)
 
 
-def _fit(root: Path, out: Path, epochs: int, *extra: str) -> Any:
-    """A short fit whose runs go to ``out/<run id>`` (``out/latest`` once it finished)."""
+def _fit(root: Path, out: Path, epochs: int, *extra: str, config: str = "cifar10_dropout") -> Any:
+    """A short fit of a shipped config whose runs go to ``out/<run id>`` (``out/latest`` once it finished)."""
     return run([
-        "fit", "--config", str(CONFIGS / "cifar10_dropout.yaml"), f"--data.data_dir={root}", "--data.batch_size=16",
+        "fit", "--config", str(CONFIGS / f"{config}.yaml"), f"--data.data_dir={root}", "--data.batch_size=16",
         f"--trainer.max_epochs={epochs}", "--trainer.limit_train_batches=3", "--trainer.check_val_every_n_epoch=1",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={out}", "--test_after_fit=false", *extra,
@@ -59,16 +59,32 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(cifar_root: Path, tmp_
         assert torch.equal(straight.trainer.callback_metrics[key], resumed.trainer.callback_metrics[key]), key
 
 
-def test_a_run_interrupted_mid_epoch_resumes_bit_for_bit(cifar_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "config",
+    [
+        "cifar10_dropout",
+        pytest.param(
+            "cifar10_fast",
+            marks=[
+                pytest.mark.slow,
+                # Found 2026-12-01: resumed mid-epoch, the fast recipe's first batch holds other images and labels
+                # than the uninterrupted run's at that step (the weights and optimizer state restored are equal).
+                # Not the whitening callback (a no-op callback in its place does the same); cause not found yet.
+                pytest.mark.xfail(strict=True, reason="cifar10_fast does not resume mid-epoch on the same batch"),
+            ],
+        ),
+    ],
+)
+def test_a_run_interrupted_mid_epoch_resumes_bit_for_bit(cifar_root: Path, tmp_path: Path, config: str) -> None:
     # 3 batches an epoch: SIGTERM after step 4 lands in the middle of epoch 1, with dropout and augmentation
-    straight = _fit(cifar_root, tmp_path / "a", 3)
+    straight = _fit(cifar_root, tmp_path / "a", 3, config=config)
     with pytest.raises(SystemExit):  # Lightning's SIGTERMException
-        _fit(cifar_root, tmp_path / "b", 3, "--trainer.callbacks+=fakedata.SigtermAtStep")
+        _fit(cifar_root, tmp_path / "b", 3, "--trainer.callbacks+=fakedata.SigtermAtStep", config=config)
     (interrupted,) = tmp_path.glob("b/*/checkpoints/last-interrupted.ckpt")
     assert torch.load(interrupted, weights_only=True)["global_step"] == 4
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*dataloader is not resumable")  # Lightning's mid-epoch warning
-        resumed = _fit(cifar_root, tmp_path / "b", 3, "--ckpt_path=last")
+        resumed = _fit(cifar_root, tmp_path / "b", 3, "--ckpt_path=last", config=config)
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for key in ("val/acc", "train/loss_epoch", "train/acc"):
