@@ -80,6 +80,7 @@ class ResidentDataModule(L.LightningDataModule):
         self.val_split: Split | None = None
         self.test_split: Split | None = None
         self._train_stream: ResidentBatches | None = None
+        self._train_resume: dict[str, int] | None = None  # restored by load_state_dict
 
     # ------------------------------------------------------------------ what models are wired to
     @property
@@ -137,7 +138,20 @@ class ResidentDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResidentBatches:
         self._train_stream = self._stream("train")
+        if self._train_resume is not None:
+            self._train_stream.load_state_dict(self._train_resume)
+            self._train_resume = None
         return self._train_stream
+
+    # The resume point also travels as the DataModule's state, which Lightning restores before the model's
+    # configure_optimizers runs: a one-cycle schedule asks for trainer.estimated_stepping_batches there, which
+    # builds the training loader before the checkpoint is read, and Lightning then never hands that loader its
+    # saved state (Lightning issue #20550), so a run resumed mid-epoch would start the epoch over.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_stream": self._train_stream.state_dict()} if self._train_stream is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_resume = state_dict.get("train_stream")
 
     def val_dataloader(self) -> ResidentBatches:
         return self._stream("val")
