@@ -16,7 +16,7 @@ from lightning_cnn.errors import ConfigError
 
 
 def conv_backbone(in_channels: int, widths: Sequence[int]) -> nn.Sequential:
-    """3x3 unpadded convolutions, each followed by ReLU and 2x2 max-pooling, then flatten.
+    """3x3 unpadded convolutions, each followed by 2x2 max-pooling and ReLU, then flatten.
 
     The pooling runs before the ReLU: ReLU is monotonic, so ``relu(max(a, b)) == max(relu(a), relu(b))`` and
     the network computes the same function with the same gradients (the assignment's conv-ReLU-pool), but the
