@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,31 +40,11 @@ def network(pool_first: bool) -> nn.Module:
     return (CIFARCNN() if pool_first else assignment_network()).to(memory_format=torch.channels_last)
 
 
-def step_ms(pool_first: bool, adamw: dict, steps: int, warm_up: int = 5) -> float:
-    """Median milliseconds of a training step over ``steps`` steps after ``warm_up``."""
+def training_step(pool_first: bool, adamw: dict) -> Callable[[], None]:
+    """One training step of a fresh network in that order with that AdamW, on a fixed random batch."""
     torch.manual_seed(0)
     net = network(pool_first)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05, **adamw)
-    x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (128,))
-    times = []
-    for i in range(warm_up + steps):
-        start = time.perf_counter()
-        loss = F.cross_entropy(net(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if i >= warm_up:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def profile(steps: int) -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as profiler
-
-    net = network(True)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
     x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (128,))
 
@@ -73,6 +54,26 @@ def profile(steps: int) -> None:
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def step_ms(pool_first: bool, adamw: dict, steps: int, warm_up: int = 5) -> float:
+    """Median milliseconds of a training step over ``steps`` steps after ``warm_up``."""
+    step = training_step(pool_first, adamw)
+    times = []
+    for i in range(warm_up + steps):
+        start = time.perf_counter()
+        step()
+        if i >= warm_up:
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def profile(steps: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    step = training_step(True, {"fused": True})  # lightning_cnn's step, as cifar10_fast trains it
     for _ in range(5):
         step()
     with profiler(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
