@@ -262,16 +262,20 @@ def torch_program(model: TrainedModel) -> bytes:
 
 
 def exported_runner(
-    fmt: str, content: bytes, threads: int | None = None, output: str = "logits"
+    fmt: str, content: bytes, threads: int | None = None, output: str = "logits", spinning: bool = True
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function from uint8 images ``(N, H, W, C)`` to the exported model's ``output`` (``logits`` or
-    ``probabilities``), as a deployer runs it; ``threads``: onnxruntime's intra-op threads."""
+    ``probabilities``), as a deployer runs it; ``threads``: onnxruntime's intra-op threads; ``spinning``: whether
+    they busy-wait for work (onnxruntime's default: lower latency, but the cores it spins on are lost to any
+    other process, such as a server's HTTP processes)."""
     if fmt == "onnx":
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(content, options, providers=["CPUExecutionProvider"])
         return lambda images: session.run([output], {"images": images})[0]
     program = torch.export.load(io.BytesIO(content)).module()

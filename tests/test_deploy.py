@@ -35,7 +35,7 @@ pytest.importorskip("onnxruntime", reason="the serve extra (pip install 'lightni
 pytest.importorskip("litserve", reason="the serve extra (pip install 'lightning-cnn[serve]') is not installed")
 
 from lightning_cnn import export
-from lightning_cnn.serve import ClassifierAPI, decode_image
+from lightning_cnn.serve import INLINE_PIXELS, ClassifierAPI, decode_image
 
 EXE = shutil.which("lightning-cnn")
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,9 +246,9 @@ def _post(port: int, body: bytes, content_type: str | None, timeout: float = 30)
     return status, json.loads(content)
 
 
-def _get(port: int, path: str) -> tuple[int, bytes]:
+def _get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    connection.request("GET", path)
+    connection.request("GET", path, headers=headers or {})
     response = connection.getresponse()
     return response.status, response.read()
 
@@ -256,20 +256,20 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
 class Server:
     """``lightning-cnn serve`` as a user starts it, in a subprocess on a free port of 127.0.0.1."""
 
-    def __init__(self, cwd: Path, *args: str) -> None:
+    def __init__(self, cwd: Path, *args: str, env: dict[str, str] | None = None) -> None:
         assert EXE is not None
         self.port = free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         command = [EXE, "serve", "--port", str(self.port), *args]
         self.log = cwd / f"serve-{self.port}.log"
         self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 120, headers: dict[str, str] | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()
             try:
-                if _get(self.port, "/health") == (200, b"ok"):
+                if _get(self.port, "/health", headers) == (200, b"ok"):
                     return
             except OSError:
                 pass
@@ -302,7 +302,9 @@ def test_the_served_model_answers_as_predict_does_refuses_bad_input_and_stops_on
             "big.jpg": Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)),
             "gray.png": Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8), "L"),
             "rgba.png": Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8), "RGBA"),
+            "large.png": Image.fromarray(rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)),  # decoded in a thread
         }
+        assert INLINE_PIXELS < 160 * 200
         for name, picture in pictures.items():
             picture.save(images / name)
         main(["predict", "--config", str(CONFIG_DIR / "split_cifar10_phase1.yaml"), f"--ckpt_path={run}",
@@ -325,6 +327,7 @@ def test_the_served_model_answers_as_predict_does_refuses_bad_input_and_stops_on
         bad = [
             (b"not an image at all", "image/png", 400),
             (_encoded(pictures["big.jpg"], "JPEG")[:100], "image/jpeg", 400),
+            (_encoded(pictures["large.png"], "PNG")[:5000], "image/png", 400),  # damaged past its header
             (b"", "image/png", 400),
             (png_claiming(20_000, 20_000), "image/png", 413),
             (b"\0" * (100 * 2**20), "application/octet-stream", 413),
@@ -440,6 +443,26 @@ def test_under_load_every_request_is_answered(runs: dict[str, Path], tmp_path: P
         body = _encoded(Image.new("RGB", (32, 32), (120, 30, 200)), "PNG")
         result = load(server.port, body, clients=32, seconds=20)
         assert result["errors"] == 0 and result["answered"] > 100, result
+        assert server.stop() == 0
+    finally:
+        server.process.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(EXE is None, reason="the lightning-cnn executable is not installed")
+def test_litserves_api_key_still_guards_the_server(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``serve`` replaces LitServe's no-op authorization by a faster one, but not its key check when it is set."""
+    run = str(runs["split_cifar10_phase1"])
+    server = Server(tmp_path, "--ckpt_path", run, "--workers", "1", env={"LIT_SERVER_API_KEY": "secret"})
+    try:
+        server.wait_ready(headers={"X-API-Key": "secret"})
+        assert _get(server.port, "/health")[0] == 401
+        body = _encoded(Image.new("RGB", (32, 32), (120, 30, 200)), "PNG")
+        assert _post(server.port, body, "image/png")[0] == 401
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("POST", "/predict", body=body, headers={"Content-Type": "image/png", "X-API-Key": "secret"})
+        assert connection.getresponse().status == 200
+        assert "UserWarning" not in server.log.read_text()
         assert server.stop() == 0
     finally:
         server.process.kill()
