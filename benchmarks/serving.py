@@ -3,8 +3,9 @@
 Offline: batches of 1 and 64 uint8 images through the deployed graph (preprocessing included), eager torch vs
 the exported model in onnxruntime, the same threads, interleaved repeats, medians. Served: ``lightning-cnn serve``
 started in a subprocess on 127.0.0.1; clients (threads, one keep-alive connection each) POST a 32x32 PNG as
-fast as they are answered; latency p50/p99 and requests/s at 1, 8 and 32 clients with dynamic batching on
-and off; then one long run at 32 clients that counts errors and lost requests.
+fast as they are answered; latency p50/p99 and requests/s at 1, 8 and 32 clients for the default server (one
+worker a core, no batching), with dynamic batching on, and with one worker; then one long run of the default at
+32 clients that counts errors and lost requests.
 
     python benchmarks/serving.py --ckpt_path runs/cifar10_fast/latest [--seconds 10] [--load_seconds 60]
 
@@ -139,7 +140,12 @@ def served(ckpt: str, seconds: float, load_seconds: float) -> None:
     Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(buffer, "PNG")
     body = buffer.getvalue()
     print(f"served ({os.cpu_count()} cores, clients on the same machine), {seconds:.0f} s per row:")
-    for label, args in (("batching on (64, 5 ms)", ()), ("batching off", ("--max_batch_size", "1"))):
+    rows = (
+        (f"default ({os.cpu_count()} workers)", ()),
+        ("batching on (64, 5 ms)", ("--max_batch_size", "64", "--batch_timeout", "0.005")),
+        ("1 worker", ("--workers", "1")),
+    )
+    for label, args in rows:
         process, port = serve(ckpt, *args)
         try:
             load(port, body, 4, 2)  # warm
@@ -147,7 +153,7 @@ def served(ckpt: str, seconds: float, load_seconds: float) -> None:
                 r = load(port, body, clients, seconds)
                 print(f"  {label:24s} {clients:2d} clients: {r['requests/s']:7.1f} requests/s  "
                       f"p50 {r['p50 ms']:6.1f} ms  p99 {r['p99 ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
-            if label.startswith("batching on") and load_seconds > 0:
+            if label.startswith("default") and load_seconds > 0:
                 r = load(port, body, 32, load_seconds)
                 print(f"  load run, 32 clients, {load_seconds:.0f} s: {r['answered']} answered, {r['errors']} errors, "
                       f"{r['requests/s']:.1f} requests/s, p99 {r['p99 ms']:.1f} ms")  # fmt: skip
