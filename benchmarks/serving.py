@@ -7,7 +7,7 @@ fast as they are answered; latency p50/p99 and requests/s at 1, 8 and 32 clients
 worker a core, no batching), with dynamic batching on, and with one worker; then one long run of the default at
 32 clients that counts errors and lost requests.
 
-    python benchmarks/serving.py --ckpt_path runs/cifar10_fast/latest [--seconds 10] [--load_seconds 60]
+    python benchmarks/serving.py --ckpt_path runs/cifar10_fast/latest [--seconds 5] [--rounds 3] [--load_seconds 60]
 
 The clients run on the same machine as the server (on a 2-core VM they take a share of its cores).
 """
@@ -133,30 +133,43 @@ def serve(ckpt: str, *args: str) -> tuple[subprocess.Popen[bytes], int]:
     raise RuntimeError("the server did not start")
 
 
-def served(ckpt: str, seconds: float, load_seconds: float) -> None:
+def served(ckpt: str, seconds: float, load_seconds: float, repeats: int) -> None:
     channels, height, width = load_trained(ckpt).input_shape
     pixels = np.random.default_rng(0).integers(0, 256, (height, width, channels), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(buffer, "PNG")
     body = buffer.getvalue()
-    print(f"served ({os.cpu_count()} cores, clients on the same machine), {seconds:.0f} s per row:")
-    rows = (
-        (f"default ({os.cpu_count()} workers)", ()),
-        ("batching on (64, 5 ms)", ("--max_batch_size", "64", "--batch_timeout", "0.005")),
-        ("1 worker", ("--workers", "1")),
-    )
-    for label, args in rows:
+    rows = {
+        f"default ({os.cpu_count()} workers)": (),
+        "batching on (64, 5 ms)": ("--max_batch_size", "64", "--batch_timeout", "0.005"),
+        "1 worker": ("--workers", "1"),
+    }
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for _ in range(repeats):  # the servers one after another, in rounds: drift of the machine hits each alike
+        for label, args in rows.items():
+            process, port = serve(ckpt, *args)
+            try:
+                load(port, body, 4, 2)  # warm
+                for clients in (1, 8, 32):
+                    results.setdefault((label, clients), []).append(load(port, body, clients, seconds))
+            finally:
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(timeout=60) == 0, "the server did not exit 0 after SIGTERM"
+    print(f"served ({os.cpu_count()} cores, clients on the same machine), {seconds:.0f} s per row, medians of "
+          f"{repeats} rounds (every server exited 0 on SIGTERM):")  # fmt: skip
+    for (label, clients), rs in results.items():
+        errors = sum(r["errors"] for r in rs)
+        medians = {key: statistics.median(r[key] for r in rs) for key in ("requests/s", "p50 ms", "p99 ms")}
+        print(f"  {label:24s} {clients:2d} clients: {medians['requests/s']:6.1f} requests/s  "
+              f"p50 {medians['p50 ms']:6.1f} ms  p99 {medians['p99 ms']:6.1f} ms  errors {errors}  repeats "
+              f"{[(round(r['requests/s']), round(r['p99 ms'], 1)) for r in rs]}")  # fmt: skip
+    if load_seconds > 0:
+        label, args = next(iter(rows.items()))
         process, port = serve(ckpt, *args)
         try:
-            load(port, body, 4, 2)  # warm
-            for clients in (1, 8, 32):
-                r = load(port, body, clients, seconds)
-                print(f"  {label:24s} {clients:2d} clients: {r['requests/s']:7.1f} requests/s  "
-                      f"p50 {r['p50 ms']:6.1f} ms  p99 {r['p99 ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
-            if label.startswith("default") and load_seconds > 0:
-                r = load(port, body, 32, load_seconds)
-                print(f"  load run, 32 clients, {load_seconds:.0f} s: {r['answered']} answered, {r['errors']} errors, "
-                      f"{r['requests/s']:.1f} requests/s, p99 {r['p99 ms']:.1f} ms")  # fmt: skip
+            r = load(port, body, 32, load_seconds)
+            print(f"  load run of the {label}, 32 clients, {load_seconds:.0f} s: {r['answered']} answered, "
+                  f"{r['errors']} errors, {r['requests/s']:.1f} requests/s, p99 {r['p99 ms']:.1f} ms")  # fmt: skip
         finally:
             process.send_signal(signal.SIGTERM)
             print(f"  server exit status after SIGTERM: {process.wait(timeout=60)}")
@@ -165,13 +178,14 @@ def served(ckpt: str, seconds: float, load_seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--load_seconds", type=float, default=60.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds of load per served row")
+    parser.add_argument("--load_seconds", type=float, default=60.0, help="seconds of the long load run (0: none)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the offline timings")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats of the served rows")
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  {Path(args.ckpt_path).resolve()}  python {sys.version.split()[0]}")
     offline(args.ckpt_path, args.repeats)
-    served(args.ckpt_path, args.seconds, args.load_seconds)
+    served(args.ckpt_path, args.seconds, args.load_seconds, args.rounds)
 
 
 if __name__ == "__main__":
