@@ -100,3 +100,12 @@ def test_the_recipe_ablation_trains_each_variant_once_and_evaluates_as_the_run_t
     # the shipped recipe tests with the mirror and one-pixel shifts: the ablation's evaluation of them is the run's
     assert figures["flip+shift1"] == pytest.approx(first.test("test/acc"))
     assert set(figures) == {"plain", "flip", "flip+shift1", "flip+shift2"}
+
+
+@pytest.mark.slow
+def test_the_storage_stress_counts_every_trial_of_parallel_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    from tune_storage import run
+
+    run(workers=2, trials=3)
+    out = capsys.readouterr().out
+    assert "2 worker(s): 6 trials" in out and "0 errors" in out and "every trial once" in out, out
