@@ -281,7 +281,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--ckpt_path", required=True, help="a run folder (runs/<experiment>/latest) or a .ckpt")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 (default), 0.0.0.0, ::")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    cores = os.cpu_count() or 1
+    from lightning_cnn.training.hardware import usable_cores
+
+    cores = usable_cores()
     parser.add_argument("--workers", type=int, default=cores,
                         help=f"inference processes, each with an HTTP one (default {cores}: one a core)")  # fmt: skip
     # No batching by default: on a CPU the network costs the same per image in a batch as alone, and a batch waits

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
 import sys
 import time
 import warnings
@@ -35,6 +34,7 @@ from lightning_cnn.errors import ConfigError, TrainingDiverged, UserError, one_l
 from lightning_cnn.experiments import read_config
 from lightning_cnn.files import write_atomically
 from lightning_cnn.reporting.wandb_logger import wandb_disabled
+from lightning_cnn.training.hardware import usable_cores
 
 SEARCH_DB = "search.db"  # the embedded storage, in the search's folder
 HEARTBEAT_SECONDS = 5  # a running trial writes a heartbeat this often; one silent for 3x this is failed
@@ -342,7 +342,7 @@ def search(
         return work(config, space, name, root, args, url, trials, timeout, None, seed)
     storage = storage_for(url, root)
     open_study(storage, name, space, seed)  # created once, before the workers race to create it
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_work_in_process,
                                  args=(config, space, name, root, args, url, trials, timeout, threads, seed + i))

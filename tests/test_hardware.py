@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,15 @@ def test_a_true_precision_trains_tests_and_predicts_the_augmented_stream(
     predicted = run(["predict", *args, f"--data.predict_dir={data}/test/cat",
                      "--ckpt_path=runs/cifar10_fast/latest/checkpoints/last.ckpt"])  # fmt: skip
     assert predicted is not None and (tmp_path / "predictions.csv").read_text().count("\n") == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_usable_cores_are_the_ones_a_scheduler_left_to_the_process() -> None:
+    """``taskset``, a SLURM job's cpuset: serve's workers, tune's threads and the loaders count these."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert hardware.usable_cores() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert hardware.usable_cores() == len(allowed)
