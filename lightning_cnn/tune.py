@@ -180,7 +180,8 @@ class Pruning(L.Callback):
         if trainer.sanity_checking or value is None or trainer.state.fn != "fit":
             return
         self.trial.report(float(value), step=trainer.current_epoch)
-        if self.trial.should_prune():
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if not last and self.trial.should_prune():  # stopping after the last epoch saves nothing: it completes
             self.pruned_at = trainer.current_epoch
             trainer.should_stop = True
 

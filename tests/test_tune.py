@@ -67,6 +67,9 @@ def test_a_pruned_trial_is_a_shorter_finished_run_recorded_as_pruned(data: Path,
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 1 < EPOCHS and "test/acc" in summary["test"]  # a whole run, one epoch long
     assert run.parent == tmp_path / "runs"
+    one_epoch = [f"--data.data_dir={data}", *TRIAL, "--trainer.max_epochs=1"]  # judged after its last epoch only
+    study.optimize(tune.Objective(["mnist"], space, "lr-search", tmp_path / "runs", one_epoch), n_trials=1)
+    assert study.trials[1].state == optuna.trial.TrialState.COMPLETE  # nothing left to save: not pruned
 
 
 BAD = [
