@@ -287,7 +287,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=cores,
                         help=f"inference processes, each with an HTTP one (default {cores}: one a core)")  # fmt: skip
     # No batching by default: on a CPU the network costs the same per image in a batch as alone, and a batch waits
-    # for --batch_timeout to fill (docs/deploy.md: 587 requests/s unbatched, 540 batched, at 32 clients).
+    # for --batch_timeout to fill (docs/deploy.md: one client gets a third of the throughput, 32 about the same).
     parser.add_argument("--max_batch_size", type=int, default=1,
                         help="requests batched into one forward pass at most (default 1: no batching)")  # fmt: skip
     parser.add_argument("--batch_timeout", type=float, default=0.005,

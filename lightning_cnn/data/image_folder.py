@@ -35,7 +35,6 @@ from lightning_cnn.data.paths import DataError
 from lightning_cnn.data.predict import network_pixels
 from lightning_cnn.data.sources import IMAGE_SUFFIXES, Split, cached_arrays, decode_cache, decode_each
 from lightning_cnn.files import write_atomically
-from lightning_cnn.training.hardware import usable_cores
 
 SPLITS = ("train", "val", "test")
 STATS_SAMPLE = 10_000  # streaming data: channel mean/std from this many training images, drawn under the seed
@@ -275,7 +274,7 @@ class ImageFolderDataModule(ResidentDataModule):
                          pad=pad, flip_p=flip_p, **kwargs)  # fmt: skip
         self.hparams.update(mean=mean, std=std)  # None until computed (setup puts the figures in)
         self.skip_bad, self.memory_budget_gb = skip_bad, memory_budget_gb
-        self.num_workers = min(usable_cores(), 8) if num_workers is None else num_workers
+        self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
         self.root = Path(data_dir).expanduser()  # type: ignore[arg-type]  # checked above
         self.streaming = False
         self._files: dict[str, FileImages] = {}

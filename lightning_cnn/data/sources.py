@@ -31,7 +31,6 @@ from PIL import Image, UnidentifiedImageError
 
 from lightning_cnn.data.paths import DataError, cache_dir
 from lightning_cnn.files import WriteError, write_atomically
-from lightning_cnn.training.hardware import usable_cores
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"})
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -253,7 +252,7 @@ def decode_each(
                 raise
             good[i] = False
 
-    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(work, range(len(paths)), chunksize=256))
     return images, good
 
