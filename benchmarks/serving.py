@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from lightning_cnn.export import exported_runner, load_trained, onnx_model
+from lightning_cnn.training.hardware import usable_cores
 
 
 def offline(ckpt: str, repeats: int) -> None:
@@ -140,7 +141,7 @@ def served(ckpt: str, seconds: float, load_seconds: float, repeats: int) -> None
     Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(buffer, "PNG")
     body = buffer.getvalue()
     rows = {
-        f"default ({os.cpu_count()} workers)": (),
+        f"default ({usable_cores()} workers)": (),
         "batching on (64, 5 ms)": ("--max_batch_size", "64", "--batch_timeout", "0.005"),
         "1 worker": ("--workers", "1"),
     }

@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lightning_cnn.data.predict import network_pixels
 from lightning_cnn.errors import ConfigError
+from lightning_cnn.training.hardware import usable_cores
 
 MAX_BODY_BYTES = 16 * 2**20  # an upload larger than this is refused (413), and not kept in memory
 DRAIN_BYTES = 256 * 2**20  # how much of a too-large body is read (and dropped) before the 413
@@ -281,8 +282,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--ckpt_path", required=True, help="a run folder (runs/<experiment>/latest) or a .ckpt")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 (default), 0.0.0.0, ::")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    from lightning_cnn.training.hardware import usable_cores
-
     cores = usable_cores()
     parser.add_argument("--workers", type=int, default=cores,
                         help=f"inference processes, each with an HTTP one (default {cores}: one a core)")  # fmt: skip

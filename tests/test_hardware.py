@@ -141,7 +141,7 @@ def test_a_true_precision_trains_tests_and_predicts_the_augmented_stream(
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
 def test_usable_cores_are_the_ones_a_scheduler_left_to_the_process() -> None:
-    """``taskset``, a SLURM job's cpuset: serve's workers, tune's threads and the loaders count these."""
+    """``taskset``, a SLURM job's cpuset: serve's workers and tune's threads count these."""
     allowed = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {min(allowed)})
