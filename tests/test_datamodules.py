@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from fakedata import make_cifar_batches, make_image_folder, make_mnist_idx
@@ -71,6 +72,37 @@ def test_training_augmentation_flips_about_half_and_crops_everywhere(tmp_path: P
     _, _, params = next(iter(loader))
     assert 0.45 < params.flip.float().mean() < 0.55
     assert set(params.dy.tolist()) == set(range(9)) and set(params.dx.tolist()) == set(range(9))
+
+
+class _Seen(L.LightningModule):
+    """Keeps the training inputs of each epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[torch.Tensor]] = {}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen.setdefault(self.current_epoch, []).append(batch[0].clone())
+        return self.w * batch[0].mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_the_last_epochs_can_train_on_the_images_as_they_are(tmp_path: Path) -> None:
+    dm = CIFAR10DataModule(make_cifar_batches(tmp_path), batch_size=25, download=False, plain_last_epochs=1)
+    model = _Seen()
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+    plain = dm.normalize(dm.train_split.images).flatten(1)
+
+    def as_they_are(epoch: int) -> torch.Tensor:  # per image: whether it is one of the training images unchanged
+        seen = torch.cat(model.seen[epoch]).flatten(1)
+        return (seen[:, None] == plain[None]).all(-1).any(1).float()
+
+    assert as_they_are(2).mean() == 1.0 and len(as_they_are(2)) == len(plain)  # the last epoch: every image
+    assert as_they_are(0).mean() < 0.2 and as_they_are(1).mean() < 0.2  # before it: flipped and cropped (~1/18 not)
 
 
 def _epoch(seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[tuple]:
@@ -168,6 +200,7 @@ BAD_ARGS = [
     (CIFAR10DataModule, {"std": (0.0, 1.0, 1.0)}, "std values must be positive"),
     (CIFAR10DataModule, {"mean": (0.1, 0.2)}, "mean needs 1 or 3 values"),
     (CIFAR10DataModule, {"flip_p": 1.5}, r"flip_p is a probability"),
+    (CIFAR10DataModule, {"plain_last_epochs": -1}, "plain_last_epochs must be zero or positive"),
     (SplitCIFAR10DataModule, {"phase": 3}, "phase must be 1 or 2"),
     (SplitCIFAR10DataModule, {"phase1_classes": [0, 1, 12]}, r"labels \[12\] that CIFAR-10 does not have"),
     (SplitCIFAR10DataModule, {"phase2_classes": [4, 5]}, r"overlap on \[4\]"),

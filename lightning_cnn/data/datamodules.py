@@ -36,6 +36,9 @@ class ResidentDataModule(L.LightningDataModule):
         std: per-channel standard deviation divided by after that.
         pad: zero padding of the random crop (0 turns cropping off).
         flip_p: probability of a random horizontal flip (0 turns it off).
+        plain_last_epochs: the last this many training epochs see the images as they are, neither flipped nor
+            cropped, as the test sees them (the shuffle and the random draws are unchanged, so a resumed run
+            matches); 0 augments every epoch.
         data_on_device: keep the whole dataset on the training device (GPU) so batches never cross the bus.
         predict_dir: a folder of the user's own images for ``predict``.
     """
@@ -56,6 +59,7 @@ class ResidentDataModule(L.LightningDataModule):
         std: Sequence[float] = (1.0,),
         pad: int = 0,
         flip_p: float = 0.0,
+        plain_last_epochs: int = 0,
         data_on_device: bool = True,
         predict_dir: str | None = None,
     ) -> None:
@@ -64,6 +68,7 @@ class ResidentDataModule(L.LightningDataModule):
         _check(eval_batch_size is None or eval_batch_size >= 1, f"eval_batch_size must be positive: {eval_batch_size}")
         _check(pad >= 0, f"pad must be zero or positive, got {pad}")
         _check(0.0 <= flip_p <= 1.0, f"flip_p is a probability in [0, 1], got {flip_p}")
+        _check(plain_last_epochs >= 0, f"plain_last_epochs must be zero or positive, got {plain_last_epochs}")
         _check(len(mean) in (1, self.input_shape[0]), f"mean needs 1 or {self.input_shape[0]} values, got {mean}")
         _check(len(std) in (1, self.input_shape[0]), f"std needs 1 or {self.input_shape[0]} values, got {std}")
         _check(all(s > 0 for s in std), f"std values must be positive, got {list(std)}")
@@ -72,7 +77,7 @@ class ResidentDataModule(L.LightningDataModule):
         self.data_dir, self.batch_size, self.download, self.seed = data_dir, batch_size, download, seed
         self.eval_batch_size = eval_batch_size or batch_size
         self.pad, self.flip_p, self.data_on_device, self.predict_dir = pad, flip_p, data_on_device, predict_dir
-        self.val_fraction = val_fraction
+        self.val_fraction, self.plain_last_epochs = val_fraction, plain_last_epochs
         channels = self.input_shape[0]
         self.normalize = Normalize([*mean] * (channels // len(mean)), [*std] * (channels // len(std)))
         self._classes: tuple[str, ...] | None = None
@@ -165,13 +170,20 @@ class ResidentDataModule(L.LightningDataModule):
         dataset = PredictFolder(Path(self.predict_dir), self.input_shape)
         return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=PredictFolder.collate)
 
+    def _plain_epoch(self) -> bool:
+        """Whether this training epoch is one of the last ``plain_last_epochs`` (of a run with a set end)."""
+        trainer = self.trainer
+        if trainer is None or not self.plain_last_epochs or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return False
+        return trainer.current_epoch >= trainer.max_epochs - self.plain_last_epochs
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment (training batches carry their random choices) and normalize, on the batch's device."""
         trainer = self.trainer
         if trainer is not None and trainer.training and self._train_stream is not None:
             self._train_stream.consumed += 1  # Lightning transfers each batch as it trains it: the resume point
         images, rest = batch[0], batch[1]
-        if len(batch) == 3:
+        if len(batch) == 3 and not self._plain_epoch():
             images = flip_and_crop(images, batch[2], self.pad)
         images = self.normalize(images)
         if trainer is not None:  # Lightning casts batches for 64-true, bf16-true, 16-true before this hook, when
