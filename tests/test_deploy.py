@@ -39,7 +39,8 @@ from lightning_cnn.serve import INLINE_PIXELS, ClassifierAPI, decode_image
 
 EXE = shutil.which("lightning-cnn")
 ROOT = Path(__file__).resolve().parents[1]
-FIT = [*QUICK, "--trainer.logger=false", "--trainer.limit_test_batches=null"]  # the whole (fake) test split
+# the whole (fake) test split; in fp32 on every machine (a bf16 CPU would pick bf16), as the exported model computes
+FIT = [*QUICK, "--trainer.logger=false", "--trainer.limit_test_batches=null", "--trainer.precision=32-true"]
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +310,7 @@ def test_the_served_model_answers_as_predict_does_refuses_bad_input_and_stops_on
             picture.save(images / name)
         main(["predict", "--config", str(CONFIG_DIR / "split_cifar10_phase1.yaml"), f"--ckpt_path={run}",
               f"--data.predict_dir={images}", f"--predictions.output={tmp_path / 'p.csv'}", "--trainer.logger=false",
-              f"--trainer.default_root_dir={tmp_path / 'predict'}"])  # fmt: skip
+              f"--trainer.default_root_dir={tmp_path / 'predict'}", "--trainer.precision=32-true"])  # fmt: skip
         expected = {Path(r["file"]).name: r for r in csv.DictReader((tmp_path / "p.csv").open())}
         server.wait_ready()
         assert server.log.read_text().count("lightning-cnn serve:") == 1  # one line with where it listens
