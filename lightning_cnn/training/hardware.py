@@ -1,7 +1,7 @@
 """What the machine is best at: the training precision (and ``torch.compile``) chosen in code, not in configs.
 
 Measured on this project's CPUs (docs/speed.md): with AVX-512 BF16 (or AMX) ``bf16-mixed`` trains the CIFAR CNN
-1.5x as fast as fp32; without them bf16 is emulated and 2.7x *slower*. So the shipped configs leave precision
+1.5-1.9x as fast as fp32; without them bf16 is emulated and 2.7x *slower*. So the shipped configs leave precision
 unset and the CLI picks it per machine; an explicit ``--trainer.precision`` always wins.
 """
 
@@ -103,9 +103,9 @@ def compile_pays(accelerator: str | None, cuda: bool | None = None) -> bool:
 def precision_recipes(by_precision: Mapping[Any, Any] | None) -> dict[str, dict[str, Any]]:
     """A config's ``by_precision`` keyed by the precision Lightning trains in (``bf16`` read as ``bf16-mixed``).
 
-    What a recipe can afford depends on the precision: bf16 trains 1.5x as fast as fp32 on a CPU that has
-    it, so a time budget holds more epochs there (``cifar10_fast``), and a batch size can pay off in one precision
-    and not the other. The precision is chosen in code for the machine (:func:`choose_precision`); the config says
+    What a recipe can afford depends on the precision: bf16 trains 1.5-1.9x as fast as fp32 on a CPU that has
+    it, so a time budget holds more epochs there, and a batch size can pay off in one precision and not the
+    other. The precision is chosen in code for the machine (:func:`choose_precision`); the config says
     what goes with each.
 
     Raises:
