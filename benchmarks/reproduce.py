@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_cnn.cores import usable_cores
+
 # The split phases must run in this order: phase 2 transfer reads phase 1's checkpoint.
 ORDER = [
     "mnist",
@@ -94,15 +96,9 @@ def main() -> None:
         for config in args.configs:
             run(config, args.data_dir, args.out, extra)
     text = table(args.out, args.configs)
-    machine = f"{platform.processor() or platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}"
+    machine = f"{platform.processor() or platform.machine()}, {usable_cores()} CPUs, Python {platform.python_version()}"
     (args.out / "results.md").write_text(f"Machine: {machine}\n\n{text}")
     print(text, end="")
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import io
-import os
 import signal
 import socket
 import statistics
@@ -31,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lightning_cnn.cores import usable_cores
 from lightning_cnn.export import exported_runner, load_trained, onnx_model
-from lightning_cnn.training.hardware import usable_cores
 
 
 def offline(ckpt: str, repeats: int) -> None:
@@ -156,7 +155,7 @@ def served(ckpt: str, seconds: float, load_seconds: float, repeats: int) -> None
             finally:
                 process.send_signal(signal.SIGTERM)
                 assert process.wait(timeout=60) == 0, "the server did not exit 0 after SIGTERM"
-    print(f"served ({os.cpu_count()} cores, clients on the same machine), {seconds:.0f} s per row, medians of "
+    print(f"served ({usable_cores()} cores, clients on the same machine), {seconds:.0f} s per row, medians of "
           f"{repeats} rounds (every server exited 0 on SIGTERM):")  # fmt: skip
     for (label, clients), rs in results.items():
         errors = sum(r["errors"] for r in rs)

@@ -30,9 +30,9 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image, UnidentifiedImageError
 
+from lightning_cnn.cores import usable_cores
 from lightning_cnn.data.predict import network_pixels
 from lightning_cnn.errors import ConfigError
-from lightning_cnn.training.hardware import usable_cores
 
 MAX_BODY_BYTES = 16 * 2**20  # an upload larger than this is refused (413), and not kept in memory
 DRAIN_BYTES = 256 * 2**20  # how much of a too-large body is read (and dropped) before the 413

@@ -30,11 +30,11 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from lightning_cnn.cores import usable_cores
 from lightning_cnn.errors import ConfigError, TrainingDiverged, UserError, one_line
 from lightning_cnn.experiments import read_config
 from lightning_cnn.files import write_atomically
 from lightning_cnn.reporting.wandb_logger import wandb_disabled
-from lightning_cnn.training.hardware import usable_cores
 
 SEARCH_DB = "search.db"  # the embedded storage, in the search's folder
 HEARTBEAT_SECONDS = 5  # a running trial writes a heartbeat this often; one silent for 3x this is failed

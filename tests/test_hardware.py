@@ -12,6 +12,7 @@ from fakedata import QUICK as QUICK_FIT
 from fakedata import make_image_folder, make_mnist_idx
 
 from lightning_cnn.cli import run
+from lightning_cnn.cores import usable_cores
 from lightning_cnn.training import hardware
 
 QUICK = [*QUICK_FIT, "--trainer.logger=false"]
@@ -140,12 +141,17 @@ def test_a_true_precision_trains_tests_and_predicts_the_augmented_stream(
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
-def test_usable_cores_are_the_ones_a_scheduler_left_to_the_process() -> None:
-    """``taskset``, a SLURM job's cpuset: serve's workers and tune's threads count these."""
+def test_thread_and_worker_counts_follow_the_cores_a_scheduler_left_to_the_process(tmp_path: Path) -> None:
+    """``taskset``, a SLURM job's cpuset: serve's workers, tune's threads, the decode pool and an image folder's
+    loader workers count these, not the machine's cores."""
+    from lightning_cnn.data import ImageFolderDataModule
+
+    folder = make_image_folder(tmp_path / "images", per_class_train=1, per_class_test=1)
     allowed = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {min(allowed)})
-        assert hardware.usable_cores() == 1
+        assert usable_cores() == 1
+        assert ImageFolderDataModule(str(folder), image_size=8).num_workers == 1
     finally:
         os.sched_setaffinity(0, allowed)
-    assert hardware.usable_cores() == len(allowed)
+    assert usable_cores() == len(allowed)

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning_cnn
 
 PACKAGE = Path(lightning_cnn.__file__).parent
-BASE = ("errors", "files", "checkpoints")
+BASE = ("errors", "files", "checkpoints", "cores")
 LAYERS = {"data": 1, "models": 2, "training": 3, "reporting": 4}
 TOP = (
     "experiments",

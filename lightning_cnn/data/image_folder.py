@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from lightning_cnn.cores import usable_cores
 from lightning_cnn.data.augment import AugmentParams
 from lightning_cnn.data.datamodules import ResidentDataModule, _check, _check_fraction, _interleaved
 from lightning_cnn.data.loader import ResidentBatches
@@ -274,7 +275,7 @@ class ImageFolderDataModule(ResidentDataModule):
                          pad=pad, flip_p=flip_p, **kwargs)  # fmt: skip
         self.hparams.update(mean=mean, std=std)  # None until computed (setup puts the figures in)
         self.skip_bad, self.memory_budget_gb = skip_bad, memory_budget_gb
-        self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
+        self.num_workers = min(usable_cores(), 8) if num_workers is None else num_workers
         self.root = Path(data_dir).expanduser()  # type: ignore[arg-type]  # checked above
         self.streaming = False
         self._files: dict[str, FileImages] = {}

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lightning_cnn.cores import usable_cores
 from lightning_cnn.data.paths import DataError, cache_dir
 from lightning_cnn.files import WriteError, write_atomically
 
@@ -252,7 +253,7 @@ def decode_each(
                 raise
             good[i] = False
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
         list(pool.map(work, range(len(paths)), chunksize=256))
     return images, good
 

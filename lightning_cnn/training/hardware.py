@@ -7,7 +7,6 @@ unset and the CLI picks it per machine; an explicit ``--trainer.precision`` alwa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,6 @@ import torch
 from lightning_cnn.errors import ConfigError
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity (taskset, a SLURM job's or a container's cpuset),
-    which ``os.cpu_count()`` ignores (it counts the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # Lightning's precision values and its legacy aliases for them (its own table is private API). A config or
