@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_cnn.cores import usable_cores
 from lightning_cnn.data.locate import _memo
 
 if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # Each of pytest-xdist's workers gets its share of the cores, and so do the processes its tests start:
     # torch's default of a thread per core in every worker oversubscribes them (30% slower, measured).
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(workers)))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // int(workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # this process has read the variable already
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
